@@ -1,0 +1,141 @@
+//! Every setting of latchkey in one place: its flag, its environment variable, its default and,
+//! for limits, what it bounds. `README.md` has the same table for operators.
+//!
+//! Flags win over environment variables, which win over defaults (clap's `env` feature).
+//! Durations are written the humantime way: `500ms`, `30s`, `5m`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+/// The `latchkey` command line.
+#[derive(Debug, Parser)]
+#[command(name = "latchkey", version, about = "Distributed locks on Redis, served over gRPC")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server.
+    Serve(Config),
+}
+
+/// Everything `latchkey serve` needs, composed of one config per subsystem.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub server: ServerConfig,
+    #[command(flatten)]
+    pub redis: RedisConfig,
+    #[command(flatten)]
+    pub locks: LockConfig,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LATCHKEY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus `/metrics` endpoint; no endpoint when unset.
+    #[arg(long, env = "LATCHKEY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// How long a shutdown (SIGTERM/SIGINT) may take to end waits, release Hold-stream locks
+    /// and drain connections before the process exits anyway.
+    #[arg(long, env = "LATCHKEY_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisConfig {
+    /// Redis to keep locks in. `redis://`, `rediss://`, `redis-cluster://` and
+    /// `redis-sentinel://` URLs are understood (fred's URL syntax).
+    #[arg(long, env = "LATCHKEY_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Longest time one Redis command may take before the RPC that needs it fails with
+    /// UNAVAILABLE. Bounds every RPC while Redis is unreachable.
+    #[arg(long, env = "LATCHKEY_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Number of Redis connections for lock commands (the pub/sub connection is extra).
+    #[arg(long, env = "LATCHKEY_REDIS_POOL_SIZE", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub redis_pool_size: u16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LockConfig {
+    /// Prefix of every Redis key and channel latchkey uses (`PREFIX:{name}:lock`, ...).
+    /// Several deployments can share one Redis with different prefixes.
+    #[arg(long, env = "LATCHKEY_KEY_PREFIX", default_value = "latchkey")]
+    pub key_prefix: String,
+
+    /// Longest lock name, in bytes of UTF-8.
+    #[arg(long, env = "LATCHKEY_MAX_NAME_LEN", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_name_len: u32,
+
+    /// Lease granted when a request leaves `lease` unset.
+    #[arg(long, env = "LATCHKEY_DEFAULT_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub default_lease: Duration,
+
+    /// Shortest lease a request may ask for.
+    #[arg(long, env = "LATCHKEY_MIN_LEASE", default_value = "10ms", value_parser = parse_duration)]
+    pub min_lease: Duration,
+
+    /// Longest lease a request may ask for.
+    #[arg(long, env = "LATCHKEY_MAX_LEASE", default_value = "1h", value_parser = parse_duration)]
+    pub max_lease: Duration,
+
+    /// Longest `wait_timeout` a request may ask for.
+    #[arg(long, env = "LATCHKEY_MAX_WAIT", default_value = "5m", value_parser = parse_duration)]
+    pub max_wait: Duration,
+
+    /// How long a lock's Redis hash outlives the end of its lease. While it lingers, a late
+    /// Release/Extend is told "expired" rather than "not held", and the stored fence keeps the
+    /// next grant's fence above every earlier one even if Redis' clock stepped back by less.
+    #[arg(long, env = "LATCHKEY_LOCK_LINGER", default_value = "60s", value_parser = parse_duration)]
+    pub linger: Duration,
+}
+
+impl Config {
+    /// Checks relations between settings that clap cannot express one flag at a time.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let l = &self.locks;
+        anyhow::ensure!(
+            !l.min_lease.is_zero() && l.min_lease <= l.max_lease,
+            "--min-lease must be at least 1ms and at most --max-lease"
+        );
+        anyhow::ensure!(
+            l.default_lease >= l.min_lease && l.default_lease <= l.max_lease,
+            "--default-lease must lie between --min-lease and --max-lease"
+        );
+        anyhow::ensure!(
+            !l.key_prefix.is_empty() && !l.key_prefix.contains(['{', '}']),
+            "--key-prefix must be non-empty and contain no '{{' or '}}' (they delimit Redis hash tags)"
+        );
+        anyhow::ensure!(
+            !self.redis.redis_timeout.is_zero(),
+            "--redis-timeout must be above zero"
+        );
+        Ok(())
+    }
+
+    /// A config with every default, listening on `listen` and using `redis_url`. Tests and the
+    /// benchmark start from this.
+    pub fn for_redis(listen: SocketAddr, redis_url: &str) -> Self {
+        let mut cli = Cli::parse_from(["latchkey", "serve"]);
+        let Command::Serve(ref mut config) = cli.command;
+        config.server.listen = listen;
+        config.redis.redis_url = redis_url.to_owned();
+        config.clone()
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}

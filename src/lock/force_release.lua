@@ -1,0 +1,13 @@
+-- force_release.lua: free a lock whoever holds it, and notify waiters.
+--
+-- KEYS[1]  PREFIX:{name}:lock
+-- ARGV[1]  linger in ms
+-- ARGV[2]  unlock channel, PREFIX:{name}:unlock
+--
+-- Returns 1 when the lock was held and is free now, 0 when it was not held.
+
+local now_ms = redis_now()
+local _, _, _, _, live = read_lock(KEYS[1], now_ms)
+if not live then return 0 end
+free_lock(KEYS[1], tonumber(ARGV[1]), ARGV[2], 'forced')
+return 1

@@ -1,0 +1,329 @@
+//! The lock engine: acquire (with waiting), release, extend, inspect, force-release, and the
+//! server-side watchdog behind Hold streams.
+//!
+//! What it promises:
+//! - **No polling.** A waiter subscribes to the lock's unlock channel before it retries, then
+//!   sleeps until an unlock message or the holder's remaining lease, whichever comes first,
+//!   capped by its own deadline. A lost pub/sub message therefore delays a waiter at most until
+//!   the holder's lease ends.
+//! - **Every wait has a deadline**, and a waiter whose caller went away (`gone` resolved) or
+//!   whose server is shutting down stops waiting and never acquires afterwards: cancellation is
+//!   only observed *between* attempts, never while an acquire script is in flight.
+//! - **Fences** come from Redis (see `acquire.lua`): strictly increasing per name across
+//!   grants, unchanged by re-entry, and still increasing after Redis loses its data.
+//! - **Holds** renew every lease/3 until stopped, and report the lock LOST as soon as Redis no
+//!   longer records them, or when renewals failed until the lease ran out.
+//!
+//! Layout: `request` (typed, validated inputs), `store` (Redis keys and scripts), `waiters`
+//! (pub/sub wake-ups).
+
+pub mod request;
+pub mod store;
+pub mod waiters;
+
+use std::{future::Future, time::Duration};
+
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+pub use request::{AcquireRequest, Invalid, Lease, LockName, Token, WaitTimeout};
+pub use store::{LockState, NotOwner, Released, StoreError};
+
+use crate::telemetry;
+use store::{Attempt, LockStore};
+use waiters::Waiters;
+
+/// A lock granted to a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub token: Token,
+    pub fence: u64,
+    pub lease: Duration,
+    pub holds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    Granted(Grant),
+    /// The wait ran out (or was zero) while someone else held the lock.
+    TimedOut { holder_ttl: Duration },
+}
+
+/// Why a hold ended without its owner asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// Redis no longer records this hold (ForceRelease, Redis lost its data, lease ran out).
+    NotHeld(NotOwner),
+    /// Renewals kept failing (Redis unreachable) until the lease ran out.
+    Expired,
+    /// The server is shutting down; the lock was released first.
+    ShuttingDown,
+}
+
+/// How a hold ended.
+#[derive(Debug)]
+pub enum HoldEnd<T> {
+    /// `stop` resolved with `T`; the hold was then released with this result.
+    Stopped(T, Result<Released, LockError>),
+    Lost(Lost),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{}", not_owner_message(*.0))]
+    NotOwner(NotOwner),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the caller went away")]
+    Cancelled,
+}
+
+fn not_owner_message(why: NotOwner) -> &'static str {
+    match why {
+        NotOwner::NotHeld => "not held: the lock is free",
+        NotOwner::OtherOwner => "held by another owner: this token does not own the lock",
+        NotOwner::Expired => "expired: this token's lease ended; the lock is no longer held by it",
+    }
+}
+
+/// The engine shared by the gRPC services (and the stock engine).
+pub struct LockEngine {
+    store: LockStore,
+    waiters: Waiters,
+    /// Cancelled when the server shuts down: waits end, holds release.
+    shutdown: CancellationToken,
+}
+
+/// Slack added to a holder's TTL before retrying, so the retry lands after the lease ended
+/// even with Redis' millisecond rounding.
+const TTL_SLACK: Duration = Duration::from_millis(2);
+
+impl LockEngine {
+    pub fn new(store: LockStore, waiters: Waiters, shutdown: CancellationToken) -> Self {
+        Self {
+            store,
+            waiters,
+            shutdown,
+        }
+    }
+
+    pub fn store(&self) -> &LockStore {
+        &self.store
+    }
+
+    /// Acquires `req.name`, waiting until `deadline` at the latest. `gone` resolves when the
+    /// caller no longer wants the lock; the engine then stops waiting and returns `Cancelled`.
+    pub async fn acquire(
+        &self,
+        req: &AcquireRequest,
+        deadline: Instant,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Acquired, LockError> {
+        let started = Instant::now();
+        let result = self.acquire_inner(req, deadline, gone).await;
+        let outcome = match &result {
+            Ok(Acquired::Granted(_)) => "granted",
+            Ok(Acquired::TimedOut { .. }) => "timed_out",
+            Err(LockError::NotOwner(_)) => "refused",
+            Err(LockError::Cancelled) => "cancelled",
+            Err(LockError::ShuttingDown) => "shutting_down",
+            Err(LockError::Store(_)) => "error",
+        };
+        metrics::histogram!(telemetry::ACQUIRE_SECONDS, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn acquire_inner(
+        &self,
+        req: &AcquireRequest,
+        deadline: Instant,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Acquired, LockError> {
+        let name = &req.name;
+        let (token, reenter) = match req.reenter {
+            Some(token) => (token, true),
+            None => (Token::generate(), false),
+        };
+        let grant = |g: store::Granted| {
+            Acquired::Granted(Grant {
+                token,
+                fence: g.fence,
+                lease: g.lease,
+                holds: g.holds,
+            })
+        };
+
+        // Fast path: an uncontended lock costs one script and no subscription.
+        let mut holder_ttl = match self.attempt(name, token, reenter, req.lease, None).await? {
+            Attempt::Granted(g) => return Ok(grant(g)),
+            Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
+            Attempt::Busy { holder_ttl } => holder_ttl,
+        };
+        if Instant::now() >= deadline {
+            return Ok(Acquired::TimedOut { holder_ttl });
+        }
+
+        tokio::pin!(gone);
+        let channel = self.store.keys(name).channel;
+        let interest = tokio::select! {
+            interest = self.waiters.watch(&channel) => interest,
+            () = sleep_until(deadline) => return Ok(Acquired::TimedOut { holder_ttl }),
+            () = &mut gone => return Err(LockError::Cancelled),
+            () = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
+        };
+        metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+        // The token is unique to this request, so it doubles as the waiter id.
+        let waiter_id = token.to_string();
+        let outcome = loop {
+            let notified = interest.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .attempt(name, token, false, req.lease, Some((&waiter_id, left)))
+                .await
+            {
+                Ok(Attempt::Granted(g)) => break Ok(grant(g)),
+                Ok(Attempt::Busy { holder_ttl: ttl }) => holder_ttl = ttl,
+                Ok(Attempt::Refused(why)) => break Err(LockError::NotOwner(why)),
+                Err(error) => break Err(error),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Ok(Acquired::TimedOut { holder_ttl });
+            }
+            // Sleep until an unlock message, or until the holder's lease ends in case the
+            // message was lost, but never past our own deadline.
+            let wake_at = (now + holder_ttl + TTL_SLACK).min(deadline);
+            tokio::select! {
+                () = &mut notified => {}
+                () = sleep_until(wake_at) => {}
+                () = &mut gone => break Err(LockError::Cancelled),
+                () = self.shutdown.cancelled() => break Err(LockError::ShuttingDown),
+            }
+        };
+        let wait_outcome = match &outcome {
+            Ok(Acquired::Granted(_)) => "granted",
+            Ok(Acquired::TimedOut { .. }) => "timed_out",
+            Err(LockError::Cancelled) => "cancelled",
+            Err(LockError::ShuttingDown) => "shutting_down",
+            Err(_) => "error",
+        };
+        metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => wait_outcome).increment(1);
+        if !matches!(outcome, Ok(Acquired::Granted(_))) {
+            // The entry would lapse at our deadline anyway; removing it keeps Inspect exact.
+            if let Err(error) = self.store.leave_waiters(name, &waiter_id).await {
+                debug!(lock = %name, %error, "could not remove waiter entry; it lapses at its deadline");
+            }
+        }
+        drop(interest);
+        outcome
+    }
+
+    async fn attempt(
+        &self,
+        name: &LockName,
+        token: Token,
+        reenter: bool,
+        lease: Lease,
+        waiter: Option<(&str, Duration)>,
+    ) -> Result<Attempt, LockError> {
+        self.store
+            .acquire(name, token, reenter, lease, waiter)
+            .await
+            .map_err(|e| self.store_error("acquire", e))
+    }
+
+    /// Gives back one hold; the lock is free (and waiters woken) when none is left.
+    pub async fn release(&self, name: &LockName, token: Token) -> Result<Released, LockError> {
+        match self.store.release(name, token).await {
+            Ok(Ok(released)) => Ok(released),
+            Ok(Err(why)) => Err(LockError::NotOwner(why)),
+            Err(e) => Err(self.store_error("release", e)),
+        }
+    }
+
+    /// Sets the remaining lease of a held lock to `lease`, counted from now.
+    pub async fn extend(&self, name: &LockName, token: Token, lease: Lease) -> Result<Duration, LockError> {
+        match self.store.extend(name, token, lease).await {
+            Ok(Ok(lease)) => Ok(lease),
+            Ok(Err(why)) => Err(LockError::NotOwner(why)),
+            Err(e) => Err(self.store_error("extend", e)),
+        }
+    }
+
+    pub async fn inspect(&self, name: &LockName) -> Result<LockState, LockError> {
+        self.store.inspect(name).await.map_err(|e| self.store_error("inspect", e))
+    }
+
+    /// Frees the lock whoever holds it. True when it was held.
+    pub async fn force_release(&self, name: &LockName) -> Result<bool, LockError> {
+        self.store
+            .force_release(name)
+            .await
+            .map_err(|e| self.store_error("force_release", e))
+    }
+
+    /// Keeps `grant` alive, renewing it every lease/3 (calling `renewed` with the new lease),
+    /// until `stop` resolves (then releases it and returns `Stopped`) or the lock is lost.
+    pub async fn hold<T>(
+        &self,
+        name: &LockName,
+        grant: &Grant,
+        lease: Lease,
+        stop: impl Future<Output = T>,
+        mut renewed: impl FnMut(Duration),
+    ) -> HoldEnd<T> {
+        let every = (lease.get() / 3).max(Duration::from_millis(1));
+        let mut lease_end = Instant::now() + grant.lease;
+        let mut next = Instant::now() + every;
+        metrics::gauge!(telemetry::LIVE_HOLDS).increment(1.0);
+        tokio::pin!(stop);
+        let end = loop {
+            tokio::select! {
+                biased;
+                stopped = &mut stop => {
+                    let released = self.release(name, grant.token).await;
+                    break HoldEnd::Stopped(stopped, released);
+                }
+                () = self.shutdown.cancelled() => {
+                    if let Err(error) = self.release(name, grant.token).await {
+                        warn!(lock = %name, %error, "could not release a held lock at shutdown; it frees at lease end");
+                    }
+                    break HoldEnd::Lost(Lost::ShuttingDown);
+                }
+                () = sleep_until(next) => {
+                    let asked = Instant::now();
+                    match self.extend(name, grant.token, lease).await {
+                        Ok(granted) => {
+                            lease_end = asked + granted;
+                            next = asked + every;
+                            renewed(granted);
+                        }
+                        Err(LockError::NotOwner(why)) => break HoldEnd::Lost(Lost::NotHeld(why)),
+                        Err(error) => {
+                            let now = Instant::now();
+                            if now >= lease_end {
+                                break HoldEnd::Lost(Lost::Expired);
+                            }
+                            warn!(lock = %name, %error, "renewal failed; retrying before the lease ends");
+                            next = (now + every.min(Duration::from_millis(200))).min(lease_end);
+                        }
+                    }
+                }
+            }
+        };
+        metrics::gauge!(telemetry::LIVE_HOLDS).decrement(1.0);
+        end
+    }
+
+    fn store_error(&self, op: &'static str, error: StoreError) -> LockError {
+        metrics::counter!(telemetry::REDIS_ERRORS, "op" => op).increment(1);
+        LockError::Store(error)
+    }
+}

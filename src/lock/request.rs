@@ -1,0 +1,191 @@
+//! Typed, validated values the lock engine works with. Their constructors are the only place the
+//! configured limits are enforced; the engine trusts them and never re-checks.
+
+use std::{fmt, time::Duration};
+
+use uuid::Uuid;
+
+use crate::config::LockConfig;
+
+/// What is wrong with a value, phrased to follow the field name: "`name`: must not be empty".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// A lock name: 1..=max_name_len bytes of UTF-8, no control characters, no `{` or `}`.
+///
+/// Braces are refused because they delimit the Redis Cluster hash tag that keeps all keys of one
+/// lock in one slot; a name starting with `}` would silently break that.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockName(String);
+
+impl LockName {
+    pub fn parse(raw: String, limits: &LockConfig) -> Result<Self, Invalid> {
+        if raw.is_empty() {
+            return Err(Invalid("must not be empty".into()));
+        }
+        let max = limits.max_name_len as usize;
+        if raw.len() > max {
+            return Err(Invalid(format!(
+                "is {} bytes long, the limit is {max} bytes (max_name_len)",
+                raw.len()
+            )));
+        }
+        if let Some(c) = raw.chars().find(|c| c.is_control()) {
+            return Err(Invalid(format!(
+                "must not contain control characters (found U+{:04X})",
+                c as u32
+            )));
+        }
+        if raw.contains(['{', '}']) {
+            return Err(Invalid(
+                "must not contain '{' or '}' (they delimit Redis hash tags)".into(),
+            ));
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The secret that proves ownership of a hold: a random UUID v4 made by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(Uuid);
+
+impl Token {
+    pub fn generate() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, Invalid> {
+        if raw.is_empty() {
+            return Err(Invalid("is required: the token Acquire returned".into()));
+        }
+        Uuid::parse_str(raw)
+            .map(Self)
+            .map_err(|_| Invalid("is not a token latchkey issued (a UUID)".into()))
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// How long a grant lives unless renewed: min_lease..=max_lease, default_lease when unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease(Duration);
+
+impl Lease {
+    pub fn parse(raw: Option<Duration>, limits: &LockConfig) -> Result<Self, Invalid> {
+        let Some(lease) = raw else {
+            return Ok(Self(limits.default_lease));
+        };
+        if lease < limits.min_lease {
+            return Err(Invalid(format!(
+                "{} is below the minimum lease of {} (min_lease)",
+                show(lease),
+                show(limits.min_lease)
+            )));
+        }
+        if lease > limits.max_lease {
+            return Err(Invalid(format!(
+                "{} is above the maximum lease of {} (max_lease)",
+                show(lease),
+                show(limits.max_lease)
+            )));
+        }
+        Ok(Self(lease))
+    }
+
+    pub fn get(self) -> Duration {
+        self.0
+    }
+
+    /// The lease in whole milliseconds, Redis' resolution (at least 1).
+    pub fn millis(self) -> u64 {
+        u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+/// How long a caller is willing to wait for a busy lock: zero (try once) ..= max_wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WaitTimeout(Duration);
+
+impl WaitTimeout {
+    pub fn parse(raw: Option<Duration>, limits: &LockConfig) -> Result<Self, Invalid> {
+        let wait = raw.unwrap_or_default();
+        if wait > limits.max_wait {
+            return Err(Invalid(format!(
+                "{} is above the maximum wait of {} (max_wait)",
+                show(wait),
+                show(limits.max_wait)
+            )));
+        }
+        Ok(Self(wait))
+    }
+
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+/// An Acquire as the engine sees it.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub name: LockName,
+    pub lease: Lease,
+    pub wait: WaitTimeout,
+    /// Some: re-enter the hold this token owns (never waits).
+    pub reenter: Option<Token>,
+}
+
+fn show(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn limits() -> LockConfig {
+        Config::for_redis("127.0.0.1:0".parse().unwrap(), "redis://127.0.0.1:1").locks
+    }
+
+    #[test]
+    fn names_are_bounded_in_bytes_not_characters() {
+        let limits = limits();
+        assert!(LockName::parse("é".repeat(128), &limits).is_ok()); // 256 bytes
+        let err = LockName::parse("é".repeat(129), &limits).unwrap_err();
+        assert!(err.0.contains("258 bytes") && err.0.contains("256"), "{err}");
+    }
+
+    #[test]
+    fn names_with_control_characters_or_braces_are_refused() {
+        let limits = limits();
+        assert!(LockName::parse("a\u{0}b".into(), &limits).is_err());
+        assert!(LockName::parse("a\nb".into(), &limits).is_err());
+        assert!(LockName::parse("}a".into(), &limits).is_err());
+        assert!(LockName::parse("orders/42 ✓".into(), &limits).is_ok());
+    }
+
+    #[test]
+    fn an_unset_lease_is_the_default_and_limits_are_inclusive() {
+        let limits = limits();
+        assert_eq!(Lease::parse(None, &limits).unwrap().get(), limits.default_lease);
+        assert!(Lease::parse(Some(limits.min_lease), &limits).is_ok());
+        assert!(Lease::parse(Some(limits.max_lease), &limits).is_ok());
+        assert!(Lease::parse(Some(Duration::ZERO), &limits).is_err());
+        assert!(Lease::parse(Some(limits.max_lease + Duration::from_millis(1)), &limits).is_err());
+    }
+}

@@ -1,0 +1,347 @@
+//! The Redis side of the lock engine: key layout, the Lua scripts, and one typed call per script.
+//!
+//! Every call is one EVALSHA (reloaded on NOSCRIPT), so each operation on a lock is atomic in
+//! Redis. All keys and the channel of one lock share the hash tag `{name}`, so a lock lives in
+//! one Redis Cluster slot.
+
+use std::time::Duration;
+
+use fred::{
+    clients::Pool,
+    interfaces::ClientLike,
+    types::{
+        Builder,
+        config::{Config as FredConfig, ReconnectPolicy},
+        scripts::Script,
+    },
+};
+
+use super::request::{Lease, LockName, Token};
+use crate::config::{LockConfig, RedisConfig};
+
+/// Why a token may not act on a lock (Release, Extend, re-entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOwner {
+    /// Nobody holds the lock.
+    NotHeld,
+    /// Somebody else holds it.
+    OtherOwner,
+    /// This token held it, but its lease ended.
+    Expired,
+}
+
+impl NotOwner {
+    fn from_code(code: i64) -> Option<Self> {
+        match code {
+            -1 => Some(Self::NotHeld),
+            -2 => Some(Self::OtherOwner),
+            -3 => Some(Self::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// A grant as Redis recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    pub fence: u64,
+    pub holds: u32,
+    pub lease: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Granted(Granted),
+    Busy { holder_ttl: Duration },
+    Refused(NotOwner),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// The lock is free now.
+    Free,
+    /// The owner still has this many holds.
+    StillHeld(u32),
+}
+
+/// What Inspect shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LockState {
+    pub held: bool,
+    pub fence: u64,
+    pub ttl: Duration,
+    pub holds: u32,
+    pub waiters: u32,
+}
+
+/// The Redis names of one lock.
+#[derive(Debug, Clone)]
+pub struct LockKeys {
+    pub lock: String,
+    pub waiters: String,
+    pub channel: String,
+}
+
+impl LockKeys {
+    pub fn new(prefix: &str, name: &LockName) -> Self {
+        Self {
+            lock: format!("{prefix}:{{{name}}}:lock"),
+            waiters: format!("{prefix}:{{{name}}}:waiters"),
+            channel: format!("{prefix}:{{{name}}}:unlock"),
+        }
+    }
+}
+
+/// A script loaded from `src/lock/*.lua` with the shared prelude in front.
+macro_rules! lock_script {
+    ($file:literal) => {
+        Script::from_lua(concat!(include_str!("prelude.lua"), "\n", include_str!($file)))
+    };
+}
+
+/// Typed calls to the lock scripts over a pool of Redis connections.
+pub struct LockStore {
+    pool: Pool,
+    prefix: String,
+    /// Lingering keeps the fence and the "expired" diagnosis for a while after a lease ends.
+    linger_ms: u64,
+    acquire: Script,
+    release: Script,
+    extend: Script,
+    inspect: Script,
+    force_release: Script,
+}
+
+/// The fred config shared by the command pool and the subscriber: reconnect forever with
+/// backoff, and never let one command wait longer than the Redis timeout, so no RPC hangs
+/// while Redis is away.
+pub fn fred_builder(config: &RedisConfig) -> Result<Builder, fred::error::Error> {
+    let mut fred = FredConfig::from_url(&config.redis_url)?;
+    // Starting while Redis is down is allowed: keep reconnecting instead of failing init.
+    fred.fail_fast = false;
+    let mut builder = Builder::from_config(fred);
+    let timeout = config.redis_timeout;
+    builder
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        .with_performance_config(|perf| perf.default_command_timeout = timeout)
+        .with_connection_config(|conn| {
+            conn.connection_timeout = timeout;
+            conn.internal_command_timeout = timeout;
+            // A command caught by a dropped connection is retried once after reconnecting.
+            conn.max_command_attempts = 2;
+            conn.tcp.nodelay = Some(true);
+        });
+    Ok(builder)
+}
+
+impl LockStore {
+    /// Builds the pool and starts connecting in the background; returns at once even if Redis
+    /// is unreachable.
+    pub fn connect(redis: &RedisConfig, locks: &LockConfig) -> Result<Self, fred::error::Error> {
+        let pool = fred_builder(redis)?.build_pool(usize::from(redis.redis_pool_size))?;
+        pool.connect_pool();
+        Ok(Self {
+            pool,
+            prefix: locks.key_prefix.clone(),
+            linger_ms: u64::try_from(locks.linger.as_millis()).unwrap_or(u64::MAX),
+            acquire: lock_script!("acquire.lua"),
+            release: lock_script!("release.lua"),
+            extend: lock_script!("extend.lua"),
+            inspect: lock_script!("inspect.lua"),
+            force_release: lock_script!("force_release.lua"),
+        })
+    }
+
+    pub fn keys(&self, name: &LockName) -> LockKeys {
+        LockKeys::new(&self.prefix, name)
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// One acquire attempt. `waiter`: the caller's waiter id and time left until its deadline,
+    /// to be registered in the lock's waiter set if the lock is busy.
+    pub async fn acquire(
+        &self,
+        name: &LockName,
+        token: Token,
+        reenter: bool,
+        lease: Lease,
+        waiter: Option<(&str, Duration)>,
+    ) -> Result<Attempt, StoreError> {
+        let keys = self.keys(name);
+        let (waiter_id, wait_ms) = waiter.map_or(("", 0), |(id, left)| (id, millis(left).max(1)));
+        let reply: Vec<i64> = self
+            .acquire
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock, keys.waiters],
+                vec![
+                    token.to_string(),
+                    if reenter { "1" } else { "0" }.to_owned(),
+                    lease.millis().to_string(),
+                    self.linger_ms.to_string(),
+                    waiter_id.to_owned(),
+                    wait_ms.to_string(),
+                ],
+            )
+            .await?;
+        match reply.as_slice() {
+            [1, fence, holds, lease_ms] => Ok(Attempt::Granted(Granted {
+                fence: to_u64(*fence),
+                holds: to_u32(*holds),
+                lease: Duration::from_millis(to_u64(*lease_ms)),
+            })),
+            [0, ttl_ms] => Ok(Attempt::Busy {
+                holder_ttl: Duration::from_millis(to_u64(*ttl_ms)),
+            }),
+            [code] => NotOwner::from_code(*code)
+                .map(Attempt::Refused)
+                .ok_or_else(|| StoreError::unexpected("acquire", &reply)),
+            _ => Err(StoreError::unexpected("acquire", &reply)),
+        }
+    }
+
+    /// Removes a waiter entry that will not be granted (timed out, cancelled).
+    pub async fn leave_waiters(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
+        use fred::interfaces::SortedSetsInterface;
+        let keys = self.keys(name);
+        let _: i64 = self.pool.next().zrem(keys.waiters, waiter_id).await?;
+        Ok(())
+    }
+
+    pub async fn release(&self, name: &LockName, token: Token) -> Result<Result<Released, NotOwner>, StoreError> {
+        let keys = self.keys(name);
+        let reply: Vec<i64> = self
+            .release
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock],
+                vec![token.to_string(), self.linger_ms.to_string(), keys.channel],
+            )
+            .await?;
+        match reply.as_slice() {
+            [1, _] => Ok(Ok(Released::Free)),
+            [0, holds] => Ok(Ok(Released::StillHeld(to_u32(*holds)))),
+            [code] => NotOwner::from_code(*code)
+                .map(Err)
+                .ok_or_else(|| StoreError::unexpected("release", &reply)),
+            _ => Err(StoreError::unexpected("release", &reply)),
+        }
+    }
+
+    pub async fn extend(
+        &self,
+        name: &LockName,
+        token: Token,
+        lease: Lease,
+    ) -> Result<Result<Duration, NotOwner>, StoreError> {
+        let keys = self.keys(name);
+        let reply: Vec<i64> = self
+            .extend
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock],
+                vec![
+                    token.to_string(),
+                    lease.millis().to_string(),
+                    self.linger_ms.to_string(),
+                ],
+            )
+            .await?;
+        match reply.as_slice() {
+            [1, lease_ms] => Ok(Ok(Duration::from_millis(to_u64(*lease_ms)))),
+            [code] => NotOwner::from_code(*code)
+                .map(Err)
+                .ok_or_else(|| StoreError::unexpected("extend", &reply)),
+            _ => Err(StoreError::unexpected("extend", &reply)),
+        }
+    }
+
+    pub async fn inspect(&self, name: &LockName) -> Result<LockState, StoreError> {
+        let keys = self.keys(name);
+        let reply: Vec<i64> = self
+            .inspect
+            .evalsha_with_reload(self.pool.next(), vec![keys.lock, keys.waiters], Vec::<String>::new())
+            .await?;
+        match reply.as_slice() {
+            [held, fence, ttl_ms, holds, waiters] => Ok(LockState {
+                held: *held == 1,
+                fence: to_u64(*fence),
+                ttl: Duration::from_millis(to_u64(*ttl_ms)),
+                holds: to_u32(*holds),
+                waiters: to_u32(*waiters),
+            }),
+            _ => Err(StoreError::unexpected("inspect", &reply)),
+        }
+    }
+
+    pub async fn force_release(&self, name: &LockName) -> Result<bool, StoreError> {
+        let keys = self.keys(name);
+        let released: i64 = self
+            .force_release
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock],
+                vec![self.linger_ms.to_string(), keys.channel],
+            )
+            .await?;
+        Ok(released == 1)
+    }
+
+    /// A round trip to Redis, for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.pool.next().ping(None).await?;
+        Ok(())
+    }
+}
+
+/// Redis did not answer as expected.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Unreachable, timed out, or the connection dropped: the caller may retry.
+    #[error("Redis is unavailable: {0}")]
+    Unavailable(fred::error::Error),
+    /// Redis answered with an error or a reply the scripts never produce: a bug or a foreign
+    /// writer on latchkey's keys.
+    #[error("Redis answered unexpectedly: {0}")]
+    Unexpected(String),
+}
+
+impl StoreError {
+    fn unexpected(script: &str, reply: &[i64]) -> Self {
+        Self::Unexpected(format!("{script}.lua replied {reply:?}"))
+    }
+}
+
+impl From<fred::error::Error> for StoreError {
+    fn from(error: fred::error::Error) -> Self {
+        use fred::error::ErrorKind;
+        match error.kind() {
+            ErrorKind::IO
+            | ErrorKind::Timeout
+            | ErrorKind::Canceled
+            | ErrorKind::Backpressure
+            | ErrorKind::Cluster
+            | ErrorKind::Routing => Self::Unavailable(error),
+            // LOADING / BUSY (a running DEBUG SLEEP or long script) are transient too.
+            _ if error.details().starts_with("LOADING") || error.details().starts_with("BUSY") => {
+                Self::Unavailable(error)
+            }
+            _ => Self::Unexpected(error.to_string()),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn to_u32(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

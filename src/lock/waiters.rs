@@ -1,0 +1,202 @@
+//! Unlock notifications: one Redis subscriber connection per process, shared by every local
+//! waiter.
+//!
+//! Promises:
+//! - a lock's unlock channel is subscribed once however many local callers wait on it, and
+//!   unsubscribed when the last one leaves;
+//! - a waiter's interest is registered (and the SUBSCRIBE confirmed) before it retries, so an
+//!   unlock published after its failed attempt always reaches it, unless Redis drops the message;
+//! - each unlock message wakes one local waiter, in arrival order; a woken waiter that goes
+//!   away before retrying passes the wake-up on (tokio's `Notify` semantics);
+//! - after a reconnect (Redis restarted, data maybe lost) every local waiter is woken to retry.
+//!
+//! A lost message costs at most the holder's remaining lease: the engine never sleeps longer
+//! than that (see `lock::LockEngine::acquire`).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use fred::{
+    clients::SubscriberClient,
+    interfaces::{ClientLike, EventInterface, PubsubInterface},
+};
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{debug, warn};
+
+/// The shared hub; cheap to clone.
+#[derive(Clone)]
+pub struct Waiters {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Channel name -> local interest. A std mutex: it is held for a map lookup only, never
+    /// across an await, and the dispatcher must not yield while holding it.
+    channels: Mutex<HashMap<String, Entry>>,
+    /// Subscription changes, applied in order by one task so that an UNSUBSCRIBE for a channel
+    /// can never overtake the SUBSCRIBE of a waiter that arrived after it.
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+struct Entry {
+    refs: usize,
+    channel: Arc<Channel>,
+}
+
+struct Channel {
+    wake: Notify,
+    /// Becomes true once the SUBSCRIBE was answered (or failed: waiters then fall back on the
+    /// holder's TTL, which is always correct, only slower).
+    settled: watch::Sender<bool>,
+}
+
+enum Change {
+    Subscribe(String, Arc<Channel>),
+    Unsubscribe(String),
+}
+
+impl Waiters {
+    /// Starts the subscriber's background tasks. Returns at once, even if Redis is down.
+    pub fn start(subscriber: SubscriberClient) -> Self {
+        let (changes, change_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            channels: Mutex::new(HashMap::new()),
+            changes,
+        });
+        subscriber.connect();
+        // fred re-subscribes every tracked channel after a reconnect.
+        subscriber.manage_subscriptions();
+        tokio::spawn(apply_changes(subscriber.clone(), change_rx));
+        tokio::spawn(dispatch(subscriber, Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// Registers interest in `channel` and returns once the subscription is in place.
+    pub async fn watch(&self, channel: &str) -> Interest {
+        let interest = {
+            let mut channels = self.inner.lock();
+            let entry = channels.entry(channel.to_owned()).or_insert_with(|| {
+                let channel_state = Arc::new(Channel {
+                    wake: Notify::new(),
+                    settled: watch::Sender::new(false),
+                });
+                // A send error means the change task is gone (runtime shutting down); waiters
+                // then rely on the TTL bound.
+                let _ = self
+                    .inner
+                    .changes
+                    .send(Change::Subscribe(channel.to_owned(), channel_state.clone()));
+                Entry {
+                    refs: 0,
+                    channel: channel_state,
+                }
+            });
+            entry.refs += 1;
+            Interest {
+                hub: self.inner.clone(),
+                name: channel.to_owned(),
+                channel: entry.channel.clone(),
+            }
+        };
+        let mut settled = interest.channel.settled.subscribe();
+        // Err only if the sender is gone, which cannot happen while `interest` holds it.
+        let _ = settled.wait_for(|settled| *settled).await;
+        interest
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock leaves the map consistent (every critical section is
+        // a single insert/remove/increment), so poisoning carries no information.
+        self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One local caller's interest in a lock's unlock channel. Dropping it gives the interest up.
+pub struct Interest {
+    hub: Arc<Inner>,
+    name: String,
+    channel: Arc<Channel>,
+}
+
+impl Interest {
+    /// The wake-up future. Create and `enable` it *before* the acquire attempt it follows, so a
+    /// message arriving during the attempt is not missed.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.channel.wake.notified()
+    }
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        let mut channels = self.hub.lock();
+        if let Some(entry) = channels.get_mut(&self.name) {
+            entry.refs -= 1;
+            if entry.refs == 0 {
+                channels.remove(&self.name);
+                let _ = self.hub.changes.send(Change::Unsubscribe(self.name.clone()));
+            }
+        }
+    }
+}
+
+async fn apply_changes(subscriber: SubscriberClient, mut changes: mpsc::UnboundedReceiver<Change>) {
+    while let Some(change) = changes.recv().await {
+        match change {
+            Change::Subscribe(name, channel) => {
+                if let Err(error) = subscriber.subscribe(name.as_str()).await {
+                    metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                    warn!(channel = %name, %error, "subscribe failed; waiters fall back on the holder's lease");
+                }
+                channel.settled.send_replace(true);
+            }
+            Change::Unsubscribe(name) => {
+                if let Err(error) = subscriber.unsubscribe(name.as_str()).await {
+                    debug!(channel = %name, %error, "unsubscribe failed");
+                }
+            }
+        }
+    }
+}
+
+async fn dispatch(subscriber: SubscriberClient, hub: std::sync::Weak<Inner>) {
+    let mut messages = subscriber.message_rx();
+    let mut reconnects = subscriber.reconnect_rx();
+    loop {
+        tokio::select! {
+            message = messages.recv() => {
+                let Some(hub) = hub.upgrade() else { return };
+                match message {
+                    Ok(message) => {
+                        if let Some(entry) = hub.lock().get(&*message.channel) {
+                            entry.channel.wake.notify_one();
+                        }
+                    }
+                    // We fell behind and messages were dropped: wake everyone to re-check.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wake_all(&hub),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+            reconnect = reconnects.recv() => {
+                let Some(hub) = hub.upgrade() else { return };
+                match reconnect {
+                    Ok(server) => {
+                        debug!(%server, "subscriber reconnected; waking all waiters");
+                        wake_all(&hub);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wake_all(&hub),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+}
+
+fn wake_all(hub: &Inner) {
+    for entry in hub.lock().values() {
+        entry.channel.wake.notify_waiters();
+    }
+}

@@ -1,0 +1,34 @@
+//! Logs and metrics: the tracing subscriber (level from `RUST_LOG`), the Prometheus exporter,
+//! and the name of every metric latchkey records, so dashboards have one place to look.
+
+use std::net::SocketAddr;
+
+/// Histogram, seconds from Acquire (or Hold's acquire) to its answer; label `outcome`:
+/// granted, timed_out, refused, cancelled, shutting_down, error.
+pub const ACQUIRE_SECONDS: &str = "latchkey_acquire_seconds";
+/// Counter of acquires that had to wait.
+pub const WAITS_STARTED: &str = "latchkey_waits_started_total";
+/// Counter of finished waits; label `outcome`: granted, timed_out, cancelled, shutting_down, error.
+pub const WAIT_OUTCOMES: &str = "latchkey_wait_outcomes_total";
+/// Gauge of locks held by this process's open Hold streams.
+pub const LIVE_HOLDS: &str = "latchkey_live_holds";
+/// Counter of failed Redis calls; label `op`.
+pub const REDIS_ERRORS: &str = "latchkey_redis_errors_total";
+/// Gauge, 1 while Redis answers the health check, 0 otherwise.
+pub const REDIS_UP: &str = "latchkey_redis_up";
+
+/// Installs the log subscriber. `RUST_LOG` sets the level (default `info`).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Err only when a subscriber is already installed (tests starting several servers).
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+/// Serves `/metrics` on `listen`. Must run inside the tokio runtime.
+pub fn serve_metrics(listen: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .install()?;
+    Ok(())
+}
