@@ -56,10 +56,14 @@ pub async fn run(
     }
     tokio::spawn(watch_redis(engine.clone(), health.clone(), stop.clone()));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // v1 for current tools, v1alpha for older grpcurl/grpcui builds that only speak that.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let lock_api = LockApi::new(engine.clone(), config.locks.clone());
     info!(listen = %listener.local_addr()?, redis = %config.redis.redis_url, "latchkey serving");
@@ -72,7 +76,8 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(lock_api.into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;

@@ -1,0 +1,329 @@
+//! Real servers for tests: a private `redis-server` on a free loopback port (which a test may
+//! kill, freeze and restart), and latchkey itself on port 0, in process or as a child process.
+#![allow(dead_code)] // each test crate uses a different part of this module
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use fred::{interfaces::ClientLike, prelude::*};
+use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out a free loopback port")
+}
+
+/// A private redis-server without persistence, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (the test command installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers_ping() {
+            assert!(Instant::now() < deadline, "redis-server on port {} did not start", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis is running").id()
+    }
+
+    /// `kill -9`: Redis dies at once, and with persistence off, its data is gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a fresh, empty redis-server on the same port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// A plain client for looking behind latchkey's back.
+    pub async fn client(&self) -> Client {
+        let client = Client::new(Config::from_url(&self.url()).unwrap(), None, None, None);
+        client.init().await.expect("connect to the test redis");
+        client
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Settings for tests: short Redis timeout so fault tests finish quickly.
+pub fn test_config(redis: &RedisServer) -> latchkey::config::Config {
+    let mut config = latchkey::config::Config::for_redis("127.0.0.1:0".parse().unwrap(), &redis.url());
+    config.redis.redis_timeout = Duration::from_millis(1000);
+    config
+}
+
+/// latchkey running in this process on a port-0 listener.
+pub struct Latchkey {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Latchkey {
+    pub async fn start(redis: &RedisServer) -> Self {
+        Self::start_with(test_config(redis)).await
+    }
+
+    pub async fn start_with(config: latchkey::config::Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(latchkey::server::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        server.wait_serving().await;
+        server
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to latchkey")
+    }
+
+    pub async fn locks(&self) -> LockServiceClient<Channel> {
+        LockServiceClient::new(self.channel().await)
+    }
+
+    /// The standard gRPC health status of the whole server.
+    pub async fn health(&self) -> i32 {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        health
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+    }
+
+    /// Waits until health says SERVING (Redis reachable), at most 10 s.
+    pub async fn wait_serving(&self) {
+        wait_until(Duration::from_secs(10), || async {
+            self.health().await == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
+        .await;
+    }
+
+    /// Graceful shutdown, as SIGTERM would do.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Latchkey {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `limit`. For test assertions about
+/// eventual state only: latchkey itself never polls.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "condition not reached within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn dur(d: Duration) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+pub fn std_dur(d: Option<prost_types::Duration>) -> Duration {
+    let d = d.unwrap_or_default();
+    Duration::new(d.seconds as u64, d.nanos as u32)
+}
+
+pub fn acquire(name: &str, lease: Duration, wait: Duration) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        name: name.into(),
+        lease: dur(lease),
+        wait_timeout: dur(wait),
+        ..Default::default()
+    }
+}
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// The real `latchkey serve` binary as a child process, for crashes (`kill -9`) and signals.
+pub struct LatchkeyProcess {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl LatchkeyProcess {
+    pub async fn start(redis: &RedisServer) -> Self {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_latchkey"))
+            .arg("serve")
+            .env("LATCHKEY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("LATCHKEY_REDIS_URL", redis.url())
+            .env("LATCHKEY_REDIS_TIMEOUT", "1s")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn the latchkey binary");
+        let process = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: Some(child),
+        };
+        wait_until(Duration::from_secs(15), || async {
+            let Ok(channel) = Channel::from_shared(format!("http://{}", process.addr))
+                .unwrap()
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            matches!(
+                health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await,
+                Ok(r) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            )
+        })
+        .await;
+        process
+    }
+
+    pub async fn locks(&self) -> LockServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to latchkey process");
+        LockServiceClient::new(channel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit, at most `limit`. Returns the exit code.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LatchkeyProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `kill -SIG pid`, e.g. signal(pid, "STOP").
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid}");
+}
