@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vendored_includes = protoc_bin_vendored::include_path()?;
 
     tonic_prost_build::configure()
+        .codec_path("crate::grpc::codec::Codec")
         .file_descriptor_set_path(out_dir.join("latchkey_descriptor.bin"))
         .compile_with_config(
             prost,

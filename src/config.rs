@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand};
 
 /// The `latchkey` command line.
 #[derive(Debug, Parser)]
-#[command(name = "latchkey", version, about = "Distributed locks on Redis, served over gRPC")]
+#[command(
+    name = "latchkey",
+    version,
+    about = "Distributed locks on Redis, served over gRPC"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -53,7 +57,11 @@ pub struct ServerConfig {
 pub struct RedisConfig {
     /// Redis to keep locks in. `redis://`, `rediss://`, `redis-cluster://` and
     /// `redis-sentinel://` URLs are understood (fred's URL syntax).
-    #[arg(long, env = "LATCHKEY_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "LATCHKEY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
 
     /// Longest time one Redis command may take before the RPC that needs it fails with

@@ -52,7 +52,9 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for service in SERVICES {
-        health.set_service_status(service, ServingStatus::NotServing).await;
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
     }
     tokio::spawn(watch_redis(engine.clone(), health.clone(), stop.clone()));
 
@@ -94,7 +96,9 @@ pub async fn run(
         }
     }
     for service in SERVICES {
-        health.set_service_status(service, ServingStatus::NotServing).await;
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
     }
     info!("latchkey stopped");
     Ok(())

@@ -31,30 +31,48 @@ async fn a_lock_goes_to_one_caller_and_is_free_again_after_release() {
     let mut a = server.locks().await;
     let mut b = server.locks().await;
 
-    let first = a.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let first = a
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(first.acquired);
     assert_eq!(first.hold_count, 1);
     assert_eq!(std_dur(first.lease), secs(30));
     assert!(uuid::Uuid::parse_str(&first.token).is_ok());
 
-    let second = b.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let second = b
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!second.acquired);
     assert!(second.token.is_empty() && second.fence == 0);
     let holder_ttl = std_dur(second.holder_ttl);
-    assert!(holder_ttl > secs(20) && holder_ttl <= secs(30), "{holder_ttl:?}");
+    assert!(
+        holder_ttl > secs(20) && holder_ttl <= secs(30),
+        "{holder_ttl:?}"
+    );
 
     let state = inspect(&b, NAME).await;
     assert!(state.held && state.fence == first.fence && state.hold_count == 1);
 
     let released = a
-        .release(pb::ReleaseRequest { name: NAME.into(), token: first.token.clone() })
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: first.token.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(released.released);
     assert_eq!(released.hold_count, 0);
 
-    let third = b.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let third = b
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(third.acquired);
     assert_ne!(third.token, first.token);
     assert!(third.fence > first.fence);
@@ -66,25 +84,38 @@ async fn a_release_wakes_a_waiter_within_milliseconds_although_the_lease_is_30s(
     let server = Latchkey::start(&redis).await;
     let mut holder = server.locks().await;
     let mut waiter = server.locks().await;
-    let held = holder.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let held = holder
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
 
     let waiting = tokio::spawn(async move {
         let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
         (answer, Instant::now())
     });
-    wait_until(secs(5), || async { inspect(&holder, NAME).await.waiters == 1 }).await;
+    wait_until(secs(5), || async {
+        inspect(&holder, NAME).await.waiters == 1
+    })
+    .await;
     tokio::time::sleep(ms(100)).await; // the waiter is asleep now
 
     let released_at = Instant::now();
     holder
-        .release(pb::ReleaseRequest { name: NAME.into(), token: held.token })
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: held.token,
+        })
         .await
         .unwrap();
     let (answer, answered_at) = waiting.await.unwrap();
     let answer = answer.unwrap().into_inner();
     assert!(answer.acquired);
     let woken_after = answered_at - released_at;
-    assert!(woken_after < secs(1), "woken {woken_after:?} after the release");
+    assert!(
+        woken_after < secs(1),
+        "woken {woken_after:?} after the release"
+    );
     assert_eq!(inspect(&holder, NAME).await.waiters, 0);
 }
 
@@ -96,23 +127,44 @@ async fn a_waiter_whose_unlock_message_was_lost_gets_the_lock_when_the_holders_l
     let mut waiter = server.locks().await;
     let lease = ms(1500);
     let granted_at = Instant::now();
-    assert!(holder.acquire(acquire(NAME, lease, Duration::ZERO)).await.unwrap().get_ref().acquired);
+    assert!(
+        holder
+            .acquire(acquire(NAME, lease, Duration::ZERO))
+            .await
+            .unwrap()
+            .get_ref()
+            .acquired
+    );
 
     let waiting = tokio::spawn(async move {
         let answer = waiter.acquire(acquire(NAME, secs(30), secs(10))).await;
         (answer, Instant::now())
     });
-    wait_until(secs(5), || async { inspect(&holder, NAME).await.waiters == 1 }).await;
+    wait_until(secs(5), || async {
+        inspect(&holder, NAME).await.waiters == 1
+    })
+    .await;
     // Behind latchkey's back: the lock vanishes and no unlock message is ever published.
-    let deleted: i64 = redis.client().await.del("latchkey:{orders/42}:lock").await.unwrap();
+    let deleted: i64 = redis
+        .client()
+        .await
+        .del("latchkey:{orders/42}:lock")
+        .await
+        .unwrap();
     assert_eq!(deleted, 1);
 
     let (answer, answered_at) = waiting.await.unwrap();
     assert!(answer.unwrap().into_inner().acquired);
     let waited = answered_at - granted_at;
     // It slept until the holder's lease end (no polling before), and not until its own deadline.
-    assert!(waited >= ms(1300), "acquired after {waited:?}, before the lease ended: polling?");
-    assert!(waited < secs(6), "acquired after {waited:?}: the lease bound did not wake it");
+    assert!(
+        waited >= ms(1300),
+        "acquired after {waited:?}, before the lease ended: polling?"
+    );
+    assert!(
+        waited < secs(6),
+        "acquired after {waited:?}: the lease bound did not wake it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,18 +186,34 @@ async fn a_crashed_holders_lock_frees_itself_when_its_lease_ends() {
     assert!(grant.acquired);
     crashing.kill9();
 
-    let right_after = observer.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let right_after = observer
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!right_after.acquired, "the lease has not ended yet");
-    let after_lease = observer.acquire(acquire(NAME, secs(30), secs(10))).await.unwrap().into_inner();
+    let after_lease = observer
+        .acquire(acquire(NAME, secs(30), secs(10)))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(after_lease.acquired);
     assert!(granted_at.elapsed() >= ms(1400));
     assert!(after_lease.fence > grant.fence);
 }
 
-fn assert_refused(result: Result<tonic::Response<impl std::fmt::Debug>, tonic::Status>, code: Code, words: &str) {
+fn assert_refused(
+    result: Result<tonic::Response<impl std::fmt::Debug>, tonic::Status>,
+    code: Code,
+    words: &str,
+) {
     let status = result.expect_err("the call must fail");
     assert_eq!(status.code(), code, "{status:?}");
-    assert!(status.message().contains(words), "{:?} does not say {words:?}", status.message());
+    assert!(
+        status.message().contains(words),
+        "{:?} does not say {words:?}",
+        status.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,31 +221,90 @@ async fn release_and_extend_with_a_wrong_or_stale_token_change_nothing() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut c = server.locks().await;
-    let owner = c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let owner = c
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     let stranger = uuid::Uuid::new_v4().to_string();
-    let release = |token: &str| pb::ReleaseRequest { name: NAME.into(), token: token.into() };
-    let extend = |token: &str| pb::ExtendRequest { name: NAME.into(), token: token.into(), lease: dur(secs(600)) };
+    let release = |token: &str| pb::ReleaseRequest {
+        name: NAME.into(),
+        token: token.into(),
+    };
+    let extend = |token: &str| pb::ExtendRequest {
+        name: NAME.into(),
+        token: token.into(),
+        lease: dur(secs(600)),
+    };
 
     let before = inspect(&c, NAME).await;
-    assert_refused(c.release(release(&stranger)).await, Code::FailedPrecondition, "held by another owner");
-    assert_refused(c.extend(extend(&stranger)).await, Code::FailedPrecondition, "held by another owner");
+    assert_refused(
+        c.release(release(&stranger)).await,
+        Code::FailedPrecondition,
+        "held by another owner",
+    );
+    assert_refused(
+        c.extend(extend(&stranger)).await,
+        Code::FailedPrecondition,
+        "held by another owner",
+    );
     let after = inspect(&c, NAME).await;
     assert!(after.held && after.fence == before.fence && after.hold_count == 1);
-    assert!(std_dur(after.ttl) <= std_dur(before.ttl), "the stranger's extend must not lengthen the lease");
+    assert!(
+        std_dur(after.ttl) <= std_dur(before.ttl),
+        "the stranger's extend must not lengthen the lease"
+    );
 
     // The token of another lock is no key to this one.
-    let other = c.acquire(acquire("orders/43", secs(30), Duration::ZERO)).await.unwrap().into_inner();
-    assert_refused(c.release(release(&other.token)).await, Code::FailedPrecondition, "held by another owner");
+    let other = c
+        .acquire(acquire("orders/43", secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_refused(
+        c.release(release(&other.token)).await,
+        Code::FailedPrecondition,
+        "held by another owner",
+    );
 
-    assert!(c.release(release(&owner.token)).await.unwrap().get_ref().released);
-    assert_refused(c.release(release(&owner.token)).await, Code::FailedPrecondition, "not held");
-    assert_refused(c.extend(extend(&owner.token)).await, Code::FailedPrecondition, "not held");
-    assert!(!inspect(&c, NAME).await.held, "a refused extend must not revive the lock");
+    assert!(
+        c.release(release(&owner.token))
+            .await
+            .unwrap()
+            .get_ref()
+            .released
+    );
+    assert_refused(
+        c.release(release(&owner.token)).await,
+        Code::FailedPrecondition,
+        "not held",
+    );
+    assert_refused(
+        c.extend(extend(&owner.token)).await,
+        Code::FailedPrecondition,
+        "not held",
+    );
+    assert!(
+        !inspect(&c, NAME).await.held,
+        "a refused extend must not revive the lock"
+    );
 
-    let short = c.acquire(acquire(NAME, ms(200), Duration::ZERO)).await.unwrap().into_inner();
+    let short = c
+        .acquire(acquire(NAME, ms(200), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     tokio::time::sleep(ms(400)).await;
-    assert_refused(c.release(release(&short.token)).await, Code::FailedPrecondition, "expired");
-    assert_refused(c.extend(extend(&short.token)).await, Code::FailedPrecondition, "expired");
+    assert_refused(
+        c.release(release(&short.token)).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
+    assert_refused(
+        c.extend(extend(&short.token)).await,
+        Code::FailedPrecondition,
+        "expired",
+    );
     assert!(!inspect(&c, NAME).await.held);
 }
 
@@ -186,9 +313,17 @@ async fn extend_moves_the_lease_end_for_the_owner() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut c = server.locks().await;
-    let owner = c.acquire(acquire(NAME, ms(500), Duration::ZERO)).await.unwrap().into_inner();
+    let owner = c
+        .acquire(acquire(NAME, ms(500), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     let extended = c
-        .extend(pb::ExtendRequest { name: NAME.into(), token: owner.token.clone(), lease: dur(secs(60)) })
+        .extend(pb::ExtendRequest {
+            name: NAME.into(),
+            token: owner.token.clone(),
+            lease: dur(secs(60)),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -204,15 +339,25 @@ async fn reentering_with_the_owners_token_counts_holds_and_keeps_the_fence() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut c = server.locks().await;
-    let first = c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let first = c
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     let mut again = acquire(NAME, secs(30), Duration::ZERO);
     again.token = first.token.clone();
     let second = c.acquire(again.clone()).await.unwrap().into_inner();
     assert!(second.acquired);
-    assert_eq!((second.token.as_str(), second.fence, second.hold_count), (first.token.as_str(), first.fence, 2));
+    assert_eq!(
+        (second.token.as_str(), second.fence, second.hold_count),
+        (first.token.as_str(), first.fence, 2)
+    );
     assert_eq!(inspect(&c, NAME).await.hold_count, 2);
 
-    let release = pb::ReleaseRequest { name: NAME.into(), token: first.token.clone() };
+    let release = pb::ReleaseRequest {
+        name: NAME.into(),
+        token: first.token.clone(),
+    };
     let once = c.release(release.clone()).await.unwrap().into_inner();
     assert!(!once.released && once.hold_count == 1);
     assert!(inspect(&c, NAME).await.held);
@@ -220,9 +365,20 @@ async fn reentering_with_the_owners_token_counts_holds_and_keeps_the_fence() {
     assert!(twice.released && twice.hold_count == 0);
 
     // A stale token cannot re-enter, and a stranger's token cannot re-enter a held lock.
-    assert_refused(c.acquire(again.clone()).await, Code::FailedPrecondition, "not held");
-    let _held = c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap();
-    assert_refused(c.acquire(again).await, Code::FailedPrecondition, "held by another owner");
+    assert_refused(
+        c.acquire(again.clone()).await,
+        Code::FailedPrecondition,
+        "not held",
+    );
+    let _held = c
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap();
+    assert_refused(
+        c.acquire(again).await,
+        Code::FailedPrecondition,
+        "held by another owner",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,13 +388,26 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
     let mut c = server.locks().await;
     let mut last = 0;
     for _ in 0..20 {
-        let grant = c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+        let grant = c
+            .acquire(acquire(NAME, secs(30), Duration::ZERO))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(grant.fence > last, "fence {} after {last}", grant.fence);
         last = grant.fence;
-        c.release(pb::ReleaseRequest { name: NAME.into(), token: grant.token }).await.unwrap();
+        c.release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: grant.token,
+        })
+        .await
+        .unwrap();
     }
     // Re-entry does not bump the fence.
-    let held = c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let held = c
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(held.fence > last);
     last = held.fence;
 
@@ -251,13 +420,19 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
     let after = loop {
         match c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await {
             Ok(answer) => break answer.into_inner(),
-            Err(status) if Instant::now() < deadline => assert_eq!(status.code(), Code::Unavailable),
+            Err(status) if Instant::now() < deadline => {
+                assert_eq!(status.code(), Code::Unavailable)
+            }
             Err(status) => panic!("latchkey did not recover: {status:?}"),
         }
         tokio::time::sleep(ms(50)).await;
     };
     assert!(after.acquired, "the old hold was lost with Redis' data");
-    assert!(after.fence > last, "fence {} after a restart, {last} before", after.fence);
+    assert!(
+        after.fence > last,
+        "fence {} after a restart, {last} before",
+        after.fence
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +440,11 @@ async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut holder = server.locks().await;
-    let held = holder.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let held = holder
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
 
     // 1. The gRPC deadline (300 ms) is shorter than the requested wait (20 s).
     let mut impatient = server.locks().await;
@@ -280,16 +459,32 @@ async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
 
     // 2. The client gives up mid-wait (its call future is dropped: RST_STREAM).
     let mut cancelling = server.locks().await;
-    let call = tokio::spawn(async move { cancelling.acquire(acquire(NAME, secs(30), secs(20))).await });
-    wait_until(secs(5), || async { inspect(&holder, NAME).await.waiters == 1 }).await;
+    let call =
+        tokio::spawn(async move { cancelling.acquire(acquire(NAME, secs(30), secs(20))).await });
+    wait_until(secs(5), || async {
+        inspect(&holder, NAME).await.waiters == 1
+    })
+    .await;
     call.abort();
-    wait_until(secs(5), || async { inspect(&holder, NAME).await.waiters == 0 }).await;
+    wait_until(secs(5), || async {
+        inspect(&holder, NAME).await.waiters == 0
+    })
+    .await;
 
     // Once the holder lets go, nobody may have taken the lock on behalf of the gone callers.
-    holder.release(pb::ReleaseRequest { name: NAME.into(), token: held.token }).await.unwrap();
+    holder
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
     tokio::time::sleep(ms(500)).await;
     let state = inspect(&holder, NAME).await;
-    assert!(!state.held, "a cancelled waiter acquired the lock: {state:?}");
+    assert!(
+        !state.held,
+        "a cancelled waiter acquired the lock: {state:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,34 +492,66 @@ async fn waiters_on_one_lock_share_one_subscription_that_ends_with_the_last_wait
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut holder = server.locks().await;
-    let held = holder.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let held = holder
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
 
     let mut waiters = Vec::new();
     for _ in 0..20 {
         let mut c = server.locks().await;
         waiters.push(tokio::spawn(async move {
-            let grant = c.acquire(acquire(NAME, secs(30), secs(60))).await.unwrap().into_inner();
+            let grant = c
+                .acquire(acquire(NAME, secs(30), secs(60)))
+                .await
+                .unwrap()
+                .into_inner();
             assert!(grant.acquired);
-            c.release(pb::ReleaseRequest { name: NAME.into(), token: grant.token }).await.unwrap();
+            c.release(pb::ReleaseRequest {
+                name: NAME.into(),
+                token: grant.token,
+            })
+            .await
+            .unwrap();
         }));
     }
-    wait_until(secs(10), || async { inspect(&holder, NAME).await.waiters == 20 }).await;
+    wait_until(secs(10), || async {
+        inspect(&holder, NAME).await.waiters == 20
+    })
+    .await;
 
     let redis_client = redis.client().await;
     let channel = "latchkey:{orders/42}:unlock";
     let numsub: Vec<(String, i64)> = redis_client.pubsub_numsub(channel).await.unwrap();
-    assert_eq!(numsub, vec![(channel.to_owned(), 1)], "one subscription for 20 local waiters");
+    assert_eq!(
+        numsub,
+        vec![(channel.to_owned(), 1)],
+        "one subscription for 20 local waiters"
+    );
     let clients: String = redis_client
         .custom(fred::cmd!("CLIENT"), vec!["LIST"])
         .await
         .unwrap();
     let subscribers = clients.lines().filter(|l| l.contains("flags=P")).count();
-    assert_eq!(subscribers, 1, "one subscriber connection per process:\n{clients}");
+    assert_eq!(
+        subscribers, 1,
+        "one subscriber connection per process:\n{clients}"
+    );
 
     // Each release hands the lock to the next waiter, through unlock messages only.
-    holder.release(pb::ReleaseRequest { name: NAME.into(), token: held.token }).await.unwrap();
+    holder
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
     for waiter in waiters {
-        tokio::time::timeout(secs(20), waiter).await.expect("every waiter got its turn").unwrap();
+        tokio::time::timeout(secs(20), waiter)
+            .await
+            .expect("every waiter got its turn")
+            .unwrap();
     }
     wait_until(secs(5), || async {
         let numsub: Vec<(String, i64)> = redis_client.pubsub_numsub(channel).await.unwrap();
@@ -339,17 +566,32 @@ async fn force_release_frees_a_held_lock_and_wakes_its_waiter() {
     let server = Latchkey::start(&redis).await;
     let mut admin = server.locks().await;
     let mut waiter = server.locks().await;
-    admin.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap();
-    let waiting = tokio::spawn(async move { waiter.acquire(acquire(NAME, secs(30), secs(20))).await });
-    wait_until(secs(5), || async { inspect(&admin, NAME).await.waiters == 1 }).await;
+    admin
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap();
+    let waiting =
+        tokio::spawn(async move { waiter.acquire(acquire(NAME, secs(30), secs(20))).await });
+    wait_until(secs(5), || async {
+        inspect(&admin, NAME).await.waiters == 1
+    })
+    .await;
 
     let forced_at = Instant::now();
-    let forced = admin.force_release(pb::ForceReleaseRequest { name: NAME.into() }).await.unwrap();
+    let forced = admin
+        .force_release(pb::ForceReleaseRequest { name: NAME.into() })
+        .await
+        .unwrap();
     assert!(forced.get_ref().released);
     assert!(waiting.await.unwrap().unwrap().get_ref().acquired);
     assert!(forced_at.elapsed() < secs(1));
 
-    let free = admin.force_release(pb::ForceReleaseRequest { name: "orders/free".into() }).await.unwrap();
+    let free = admin
+        .force_release(pb::ForceReleaseRequest {
+            name: "orders/free".into(),
+        })
+        .await
+        .unwrap();
     assert!(!free.get_ref().released);
 }
 
@@ -359,12 +601,21 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
     let server = Latchkey::start(&redis).await;
     let mut holder = server.locks().await;
     let mut waiter = server.locks().await;
-    holder.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap();
+    holder
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap();
     let waiting = tokio::spawn(async move {
         let started = Instant::now();
-        (waiter.acquire(acquire(NAME, secs(30), secs(3))).await, started.elapsed())
+        (
+            waiter.acquire(acquire(NAME, secs(30), secs(3))).await,
+            started.elapsed(),
+        )
     });
-    wait_until(secs(5), || async { inspect(&holder, NAME).await.waiters == 1 }).await;
+    wait_until(secs(5), || async {
+        inspect(&holder, NAME).await.waiters == 1
+    })
+    .await;
 
     redis.kill9();
     let (answer, took) = waiting.await.unwrap();
@@ -378,23 +629,42 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
     let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
     wait_until(secs(10), || async { server.health().await == not_serving }).await;
     let started = Instant::now();
-    let status = holder.inspect(pb::InspectRequest { name: NAME.into() }).await.unwrap_err();
+    let status = holder
+        .inspect(pb::InspectRequest { name: NAME.into() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(started.elapsed() < secs(4), "an RPC hung while Redis was down");
+    assert!(
+        started.elapsed() < secs(4),
+        "an RPC hung while Redis was down"
+    );
 
     redis.restart();
     server.wait_serving().await;
     // Redis lost the old hold; the lock works again, including wake-ups by unlock messages.
     let mut waiter = server.locks().await;
-    let held = holder.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap().into_inner();
+    let held = holder
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(held.acquired);
     let waiting = tokio::spawn(async move {
         let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
         (answer, Instant::now())
     });
-    wait_until(secs(5), || async { inspect(&holder, NAME).await.waiters == 1 }).await;
+    wait_until(secs(5), || async {
+        inspect(&holder, NAME).await.waiters == 1
+    })
+    .await;
     let released_at = Instant::now();
-    holder.release(pb::ReleaseRequest { name: NAME.into(), token: held.token }).await.unwrap();
+    holder
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
     let (answer, answered_at) = waiting.await.unwrap();
     assert!(answer.unwrap().get_ref().acquired);
     assert!(answered_at - released_at < secs(1));
@@ -407,18 +677,29 @@ async fn latchkey_starts_while_redis_is_down_and_serves_once_it_appears() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = test_config(&redis);
-    let task = tokio::spawn(latchkey::server::run(config, listener, std::future::pending()));
+    let task = tokio::spawn(latchkey::server::run(
+        config,
+        listener,
+        std::future::pending(),
+    ));
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap();
     let mut c = pb::lock_service_client::LockServiceClient::new(channel.connect_lazy());
     let started = Instant::now();
-    let status = c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.unwrap_err();
+    let status = c
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(started.elapsed() < secs(4));
 
     redis.restart();
     wait_until(secs(15), || {
         let mut c = c.clone();
-        async move { c.acquire(acquire(NAME, secs(30), Duration::ZERO)).await.is_ok() }
+        async move {
+            c.acquire(acquire(NAME, secs(30), Duration::ZERO))
+                .await
+                .is_ok()
+        }
     })
     .await;
     task.abort();

@@ -47,8 +47,14 @@ mod tests {
         assert_eq!(grpc_timeout(&with("2H")), Some(Duration::from_secs(7200)));
         assert_eq!(grpc_timeout(&with("3M")), Some(Duration::from_secs(180)));
         assert_eq!(grpc_timeout(&with("5S")), Some(Duration::from_secs(5)));
-        assert_eq!(grpc_timeout(&with("250m")), Some(Duration::from_millis(250)));
-        assert_eq!(grpc_timeout(&with("999u")), Some(Duration::from_micros(999)));
+        assert_eq!(
+            grpc_timeout(&with("250m")),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            grpc_timeout(&with("999u")),
+            Some(Duration::from_micros(999))
+        );
         assert_eq!(grpc_timeout(&with("7n")), Some(Duration::from_nanos(7)));
     }
 

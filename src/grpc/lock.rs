@@ -168,7 +168,9 @@ impl LockApi {
         let grant = match self.engine.acquire(&req, deadline, out.closed()).await {
             Ok(Acquired::Granted(grant)) => grant,
             Ok(timed_out) => {
-                let _ = out.send(hold_event(Event::Acquired(acquired_response(timed_out)))).await;
+                let _ = out
+                    .send(hold_event(Event::Acquired(acquired_response(timed_out))))
+                    .await;
                 return;
             }
             Err(error) => {
@@ -177,7 +179,9 @@ impl LockApi {
             }
         };
         if out
-            .send(hold_event(Event::Acquired(acquired_response(Acquired::Granted(grant)))))
+            .send(hold_event(Event::Acquired(acquired_response(
+                Acquired::Granted(grant),
+            ))))
             .await
             .is_err()
         {
@@ -204,7 +208,11 @@ impl LockApi {
                 lease: Some(to_proto(lease)),
             })));
         };
-        let last = match self.engine.hold(&req.name, &grant, req.lease, stop, renewed).await {
+        let last = match self
+            .engine
+            .hold(&req.name, &grant, req.lease, stop, renewed)
+            .await
+        {
             HoldEnd::Stopped(Stop::Release | Stop::ClientClosed, Ok(released)) => {
                 hold_event(Event::Released(release_response(released)))
             }

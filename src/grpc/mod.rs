@@ -3,6 +3,7 @@
 //!
 //! Nothing below this module sees a proto type.
 
+pub mod codec;
 mod deadline;
 mod lock;
 mod status;
@@ -18,7 +19,8 @@ pub mod pb {
     tonic::include_proto!("latchkey.v1");
 
     /// The file descriptor set served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("latchkey_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("latchkey_descriptor");
 }
 
 /// A proto Duration as a std one: negative or denormalized values are refused, naming `field`.
@@ -31,7 +33,10 @@ fn duration(
         return Err(InvalidArgument::new(field, "must not be negative"));
     }
     if d.nanos >= 1_000_000_000 {
-        return Err(InvalidArgument::new(field, "nanos must be below 1000000000"));
+        return Err(InvalidArgument::new(
+            field,
+            "nanos must be below 1000000000",
+        ));
     }
     // Both checked non-negative above.
     Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))

@@ -47,7 +47,9 @@ pub struct Grant {
 pub enum Acquired {
     Granted(Grant),
     /// The wait ran out (or was zero) while someone else held the lock.
-    TimedOut { holder_ttl: Duration },
+    TimedOut {
+        holder_ttl: Duration,
+    },
 }
 
 /// Why a hold ended without its owner asking.
@@ -249,7 +251,12 @@ impl LockEngine {
     }
 
     /// Sets the remaining lease of a held lock to `lease`, counted from now.
-    pub async fn extend(&self, name: &LockName, token: Token, lease: Lease) -> Result<Duration, LockError> {
+    pub async fn extend(
+        &self,
+        name: &LockName,
+        token: Token,
+        lease: Lease,
+    ) -> Result<Duration, LockError> {
         match self.store.extend(name, token, lease).await {
             Ok(Ok(lease)) => Ok(lease),
             Ok(Err(why)) => Err(LockError::NotOwner(why)),
@@ -258,7 +265,10 @@ impl LockEngine {
     }
 
     pub async fn inspect(&self, name: &LockName) -> Result<LockState, LockError> {
-        self.store.inspect(name).await.map_err(|e| self.store_error("inspect", e))
+        self.store
+            .inspect(name)
+            .await
+            .map_err(|e| self.store_error("inspect", e))
     }
 
     /// Frees the lock whoever holds it. True when it was held.

@@ -167,7 +167,10 @@ mod tests {
         let limits = limits();
         assert!(LockName::parse("é".repeat(128), &limits).is_ok()); // 256 bytes
         let err = LockName::parse("é".repeat(129), &limits).unwrap_err();
-        assert!(err.0.contains("258 bytes") && err.0.contains("256"), "{err}");
+        assert!(
+            err.0.contains("258 bytes") && err.0.contains("256"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -182,7 +185,10 @@ mod tests {
     #[test]
     fn an_unset_lease_is_the_default_and_limits_are_inclusive() {
         let limits = limits();
-        assert_eq!(Lease::parse(None, &limits).unwrap().get(), limits.default_lease);
+        assert_eq!(
+            Lease::parse(None, &limits).unwrap().get(),
+            limits.default_lease
+        );
         assert!(Lease::parse(Some(limits.min_lease), &limits).is_ok());
         assert!(Lease::parse(Some(limits.max_lease), &limits).is_ok());
         assert!(Lease::parse(Some(Duration::ZERO), &limits).is_err());

@@ -95,7 +95,11 @@ impl LockKeys {
 /// A script loaded from `src/lock/*.lua` with the shared prelude in front.
 macro_rules! lock_script {
     ($file:literal) => {
-        Script::from_lua(concat!(include_str!("prelude.lua"), "\n", include_str!($file)))
+        Script::from_lua(concat!(
+            include_str!("prelude.lua"),
+            "\n",
+            include_str!($file)
+        ))
     };
 }
 
@@ -211,7 +215,11 @@ impl LockStore {
         Ok(())
     }
 
-    pub async fn release(&self, name: &LockName, token: Token) -> Result<Result<Released, NotOwner>, StoreError> {
+    pub async fn release(
+        &self,
+        name: &LockName,
+        token: Token,
+    ) -> Result<Result<Released, NotOwner>, StoreError> {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
             .release
@@ -263,7 +271,11 @@ impl LockStore {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
             .inspect
-            .evalsha_with_reload(self.pool.next(), vec![keys.lock, keys.waiters], Vec::<String>::new())
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock, keys.waiters],
+                Vec::<String>::new(),
+            )
             .await?;
         match reply.as_slice() {
             [held, fence, ttl_ms, holds, waiters] => Ok(LockState {

@@ -111,7 +111,9 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         // A panic while holding this lock leaves the map consistent (every critical section is
         // a single insert/remove/increment), so poisoning carries no information.
-        self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -137,7 +139,10 @@ impl Drop for Interest {
             entry.refs -= 1;
             if entry.refs == 0 {
                 channels.remove(&self.name);
-                let _ = self.hub.changes.send(Change::Unsubscribe(self.name.clone()));
+                let _ = self
+                    .hub
+                    .changes
+                    .send(Change::Unsubscribe(self.name.clone()));
             }
         }
     }
@@ -148,7 +153,8 @@ async fn apply_changes(subscriber: SubscriberClient, mut changes: mpsc::Unbounde
         match change {
             Change::Subscribe(name, channel) => {
                 if let Err(error) = subscriber.subscribe(name.as_str()).await {
-                    metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => "subscribe").increment(1);
+                    metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => "subscribe")
+                        .increment(1);
                     warn!(channel = %name, %error, "subscribe failed; waiters fall back on the holder's lease");
                 }
                 channel.settled.send_replace(true);

@@ -54,7 +54,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.answers_ping() {
-            assert!(Instant::now() < deadline, "redis-server on port {} did not start", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -108,7 +112,8 @@ impl Drop for RedisServer {
 
 /// Settings for tests: short Redis timeout so fault tests finish quickly.
 pub fn test_config(redis: &RedisServer) -> latchkey::config::Config {
-    let mut config = latchkey::config::Config::for_redis("127.0.0.1:0".parse().unwrap(), &redis.url());
+    let mut config =
+        latchkey::config::Config::for_redis("127.0.0.1:0".parse().unwrap(), &redis.url());
     config.redis.redis_timeout = Duration::from_millis(1000);
     config
 }
@@ -132,12 +137,17 @@ impl Latchkey {
         let task = tokio::spawn(latchkey::server::run(config, listener, async move {
             let _ = stopped.await;
         }));
-        let server = Self {
+        let mut task = task;
+        let mut server = Self {
             addr,
             stop: Some(stop),
-            task: Some(task),
+            task: None,
         };
-        server.wait_serving().await;
+        tokio::select! {
+            () = server.wait_serving() => {}
+            ended = &mut task => panic!("latchkey did not start: {ended:?}"),
+        }
+        server.task = Some(task);
         server
     }
 
@@ -155,9 +165,18 @@ impl Latchkey {
 
     /// The standard gRPC health status of the whole server.
     pub async fn health(&self) -> i32 {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        let Ok(channel) = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+        else {
+            return -1;
+        };
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         health
-            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .map(|r| r.into_inner().status)
             .unwrap_or(-1)
@@ -166,7 +185,8 @@ impl Latchkey {
     /// Waits until health says SERVING (Redis reachable), at most 10 s.
     pub async fn wait_serving(&self) {
         wait_until(Duration::from_secs(10), || async {
-            self.health().await == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            self.health().await
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         })
         .await;
     }
@@ -199,7 +219,10 @@ where
 {
     let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "condition not reached within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not reached within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,353 @@
+//! Bad input: every malformed or out-of-limit field is answered INVALID_ARGUMENT with a message
+//! that starts with the field's name and states the limit, and no Redis key is touched.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fred::prelude::*;
+use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
+use tonic::{Code, Status, transport::Channel};
+
+fn neg(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds, nanos })
+}
+
+fn expect_invalid(
+    case: &str,
+    result: Result<impl std::fmt::Debug, Status>,
+    field: &str,
+    words: &str,
+) {
+    match result {
+        Ok(answer) => panic!("{case}: accepted ({answer:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+            let message = status.message();
+            assert!(
+                message.starts_with(&format!("{field}:")),
+                "{case}: {message:?} does not name {field}"
+            );
+            assert!(
+                message.contains(words),
+                "{case}: {message:?} does not say {words:?}"
+            );
+        }
+    }
+}
+
+async fn acquire_with(
+    c: &mut LockServiceClient<Channel>,
+    m: pb::AcquireRequest,
+) -> Result<pb::AcquireResponse, Status> {
+    c.acquire(m).await.map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_naming_the_field_and_the_limit_and_touches_no_redis_key() {
+    let redis = RedisServer::start();
+    let server = Latchkey::start(&redis).await;
+    let mut c = server.locks().await;
+    let valid = acquire("orders/1", secs(30), Duration::ZERO);
+    let token = uuid::Uuid::new_v4().to_string();
+
+    let acquire_cases: Vec<(&str, pb::AcquireRequest, &str, &str)> = vec![
+        (
+            "empty name",
+            pb::AcquireRequest {
+                name: String::new(),
+                ..valid.clone()
+            },
+            "name",
+            "must not be empty",
+        ),
+        (
+            "257-byte name",
+            pb::AcquireRequest {
+                name: "x".repeat(257),
+                ..valid.clone()
+            },
+            "name",
+            "limit is 256 bytes",
+        ),
+        (
+            "129 two-byte chars",
+            pb::AcquireRequest {
+                name: "é".repeat(129),
+                ..valid.clone()
+            },
+            "name",
+            "258 bytes",
+        ),
+        (
+            "newline in name",
+            pb::AcquireRequest {
+                name: "a\nb".into(),
+                ..valid.clone()
+            },
+            "name",
+            "control characters",
+        ),
+        (
+            "NUL in name",
+            pb::AcquireRequest {
+                name: "a\0b".into(),
+                ..valid.clone()
+            },
+            "name",
+            "control characters",
+        ),
+        (
+            "brace in name",
+            pb::AcquireRequest {
+                name: "a{b}".into(),
+                ..valid.clone()
+            },
+            "name",
+            "'{'",
+        ),
+        (
+            "zero lease",
+            pb::AcquireRequest {
+                lease: dur(Duration::ZERO),
+                ..valid.clone()
+            },
+            "lease",
+            "minimum lease of 10ms",
+        ),
+        (
+            "sub-minimum lease",
+            pb::AcquireRequest {
+                lease: dur(ms(5)),
+                ..valid.clone()
+            },
+            "lease",
+            "min_lease",
+        ),
+        (
+            "negative lease",
+            pb::AcquireRequest {
+                lease: neg(-1, 0),
+                ..valid.clone()
+            },
+            "lease",
+            "negative",
+        ),
+        (
+            "negative nanos",
+            pb::AcquireRequest {
+                lease: neg(1, -5),
+                ..valid.clone()
+            },
+            "lease",
+            "negative",
+        ),
+        (
+            "denormal nanos",
+            pb::AcquireRequest {
+                lease: neg(1, 1_000_000_000),
+                ..valid.clone()
+            },
+            "lease",
+            "nanos",
+        ),
+        (
+            "over-max lease",
+            pb::AcquireRequest {
+                lease: dur(secs(3601)),
+                ..valid.clone()
+            },
+            "lease",
+            "maximum lease of 1h",
+        ),
+        (
+            "huge lease",
+            pb::AcquireRequest {
+                lease: neg(i64::MAX, 999_999_999),
+                ..valid.clone()
+            },
+            "lease",
+            "max_lease",
+        ),
+        (
+            "negative wait",
+            pb::AcquireRequest {
+                wait_timeout: neg(-3, 0),
+                ..valid.clone()
+            },
+            "wait_timeout",
+            "negative",
+        ),
+        (
+            "over-max wait",
+            pb::AcquireRequest {
+                wait_timeout: dur(secs(301)),
+                ..valid.clone()
+            },
+            "wait_timeout",
+            "maximum wait of 5m",
+        ),
+        (
+            "malformed token",
+            pb::AcquireRequest {
+                token: "hunter2".into(),
+                ..valid.clone()
+            },
+            "token",
+            "UUID",
+        ),
+    ];
+    for (case, request, field, words) in acquire_cases {
+        expect_invalid(case, acquire_with(&mut c, request).await, field, words);
+    }
+
+    let release = |name: &str, token: &str| pb::ReleaseRequest {
+        name: name.into(),
+        token: token.into(),
+    };
+    expect_invalid(
+        "release without token",
+        c.release(release("orders/1", "")).await,
+        "token",
+        "required",
+    );
+    expect_invalid(
+        "release bad token",
+        c.release(release("orders/1", "42")).await,
+        "token",
+        "UUID",
+    );
+    expect_invalid(
+        "release empty name",
+        c.release(release("", &token)).await,
+        "name",
+        "empty",
+    );
+
+    let extend = |lease| pb::ExtendRequest {
+        name: "orders/1".into(),
+        token: token.clone(),
+        lease,
+    };
+    expect_invalid(
+        "extend zero lease",
+        c.extend(extend(dur(Duration::ZERO))).await,
+        "lease",
+        "min_lease",
+    );
+    expect_invalid(
+        "extend over-max lease",
+        c.extend(extend(dur(secs(7200)))).await,
+        "lease",
+        "max_lease",
+    );
+    expect_invalid(
+        "extend without token",
+        c.extend(pb::ExtendRequest {
+            name: "orders/1".into(),
+            token: String::new(),
+            lease: None,
+        })
+        .await,
+        "token",
+        "required",
+    );
+    expect_invalid(
+        "inspect empty name",
+        c.inspect(pb::InspectRequest {
+            name: String::new(),
+        })
+        .await,
+        "name",
+        "empty",
+    );
+    expect_invalid(
+        "force-release long name",
+        c.force_release(pb::ForceReleaseRequest {
+            name: "y".repeat(300),
+        })
+        .await,
+        "name",
+        "256",
+    );
+
+    // A client built from an incompatible .proto: field 1 (name) sent as a number.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct WrongAcquire {
+        #[prost(uint64, tag = "1")]
+        name: u64,
+    }
+    let mut raw = tonic::client::Grpc::new(server.channel().await);
+    raw.ready().await.unwrap();
+    let wrong = raw
+        .unary(
+            tonic::Request::new(WrongAcquire { name: 7 }),
+            "/latchkey.v1.LockService/Acquire".parse().unwrap(),
+            tonic_prost::ProstCodec::<WrongAcquire, pb::AcquireResponse>::default(),
+        )
+        .await;
+    expect_invalid(
+        "wrong wire type",
+        wrong,
+        "request",
+        "not a valid protobuf message",
+    );
+
+    let keys: i64 = redis.client().await.dbsize().await.unwrap();
+    assert_eq!(keys, 0, "refused requests must not touch Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_locks_are_refused_as_unimplemented_until_they_exist() {
+    let redis = RedisServer::start();
+    let server = Latchkey::start(&redis).await;
+    let mut c = server.locks().await;
+    let status = c
+        .acquire(pb::AcquireRequest {
+            fair: true,
+            ..acquire("orders/1", secs(30), Duration::ZERO)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().starts_with("fair:"));
+    let keys: i64 = redis.client().await.dbsize().await.unwrap();
+    assert_eq!(keys, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_settings_not_constants() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.locks.max_name_len = 8;
+    config.locks.max_lease = secs(2);
+    config.locks.default_lease = secs(1);
+    config.locks.max_wait = secs(1);
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+    expect_invalid(
+        "9-byte name",
+        acquire_with(&mut c, acquire("123456789", secs(1), Duration::ZERO)).await,
+        "name",
+        "limit is 8 bytes",
+    );
+    expect_invalid(
+        "3 s lease",
+        acquire_with(&mut c, acquire("a", secs(3), Duration::ZERO)).await,
+        "lease",
+        "maximum lease of 2s",
+    );
+    expect_invalid(
+        "2 s wait",
+        acquire_with(&mut c, acquire("a", secs(1), secs(2))).await,
+        "wait_timeout",
+        "maximum wait of 1s",
+    );
+    assert!(
+        acquire_with(&mut c, acquire("12345678", secs(2), secs(1)))
+            .await
+            .unwrap()
+            .acquired
+    );
+}
