@@ -186,13 +186,20 @@ async fn a_hold_whose_redis_lost_its_data_is_told_it_is_lost() {
     let mut redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut client = server.locks().await;
-    let mut hold = Hold::open(&mut client, acquire(NAME, ms(900), Duration::ZERO)).await;
+    let mut hold = Hold::open(&mut client, acquire(NAME, secs(30), Duration::ZERO)).await;
     assert!(hold.granted().await.acquired);
     redis.restart();
+    let restarted_at = Instant::now();
     match hold.next_besides_renewals().await {
         Some(Event::Lost(lost)) => assert_eq!(lost.reason(), pb::LostReason::NotHeld),
         other => panic!("expected LOST, got {other:?}"),
     }
+    // The reconnect triggers the check; the next renewal would be 10 s away.
+    assert!(
+        restarted_at.elapsed() < secs(8),
+        "LOST came {:?} after the restart",
+        restarted_at.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -294,7 +294,13 @@ impl LockEngine {
         let mut next = Instant::now() + every;
         metrics::gauge!(telemetry::LIVE_HOLDS).increment(1.0);
         tokio::pin!(stop);
+        // Messages on the lock's channel (a ForceRelease, a reconnect after Redis lost its data)
+        // trigger an immediate renewal, which tells whether the hold still owns the lock.
+        let interest = self.waiters.watch(&self.store.keys(name).channel).await;
         let end = loop {
+            let changed = interest.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             tokio::select! {
                 biased;
                 stopped = &mut stop => {
@@ -307,6 +313,7 @@ impl LockEngine {
                     }
                     break HoldEnd::Lost(Lost::ShuttingDown);
                 }
+                () = &mut changed => next = Instant::now(),
                 () = sleep_until(next) => {
                     let asked = Instant::now();
                     match self.extend(name, grant.token, lease).await {

@@ -8,7 +8,10 @@
 //!   unlock published after its failed attempt always reaches it, unless Redis drops the message;
 //! - each unlock message wakes one local waiter, in arrival order; a woken waiter that goes
 //!   away before retrying passes the wake-up on (tokio's `Notify` semantics);
-//! - after a reconnect (Redis restarted, data maybe lost) every local waiter is woken to retry.
+//! - every message also wakes every local holder of the lock (Hold streams), so a ForceRelease
+//!   is noticed at once rather than at the next renewal;
+//! - after a reconnect (Redis restarted, data maybe lost) every local waiter and holder is woken
+//!   to re-check.
 //!
 //! A lost message costs at most the holder's remaining lease: the engine never sleeps longer
 //! than that (see `lock::LockEngine::acquire`).
@@ -46,7 +49,11 @@ struct Entry {
 }
 
 struct Channel {
+    /// Waiters: each unlock message wakes one of them.
     wake: Notify,
+    /// Holds (Hold streams) on this lock: every message wakes all of them to check at once
+    /// that they still own the lock (a ForceRelease publishes too).
+    check: Notify,
     /// Becomes true once the SUBSCRIBE was answered (or failed: waiters then fall back on the
     /// holder's TTL, which is always correct, only slower).
     settled: watch::Sender<bool>,
@@ -80,6 +87,7 @@ impl Waiters {
             let entry = channels.entry(channel.to_owned()).or_insert_with(|| {
                 let channel_state = Arc::new(Channel {
                     wake: Notify::new(),
+                    check: Notify::new(),
                     settled: watch::Sender::new(false),
                 });
                 // A send error means the change task is gone (runtime shutting down); waiters
@@ -130,6 +138,12 @@ impl Interest {
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.channel.wake.notified()
     }
+
+    /// For holders: resolves on the next message on the channel (or reconnect). Unlike
+    /// `notified`, every holder sees every message, and no waiter's wake-up is taken away.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.channel.check.notified()
+    }
 }
 
 impl Drop for Interest {
@@ -179,6 +193,7 @@ async fn dispatch(subscriber: SubscriberClient, hub: std::sync::Weak<Inner>) {
                     Ok(message) => {
                         if let Some(entry) = hub.lock().get(&*message.channel) {
                             entry.channel.wake.notify_one();
+                            entry.channel.check.notify_waiters();
                         }
                     }
                     // We fell behind and messages were dropped: wake everyone to re-check.
@@ -204,5 +219,6 @@ async fn dispatch(subscriber: SubscriberClient, hub: std::sync::Weak<Inner>) {
 fn wake_all(hub: &Inner) {
     for entry in hub.lock().values() {
         entry.channel.wake.notify_waiters();
+        entry.channel.check.notify_waiters();
     }
 }
