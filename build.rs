@@ -16,9 +16,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("latchkey_descriptor.bin"))
         .compile_with_config(
             prost,
-            &[PathBuf::from("proto/latchkey/v1/lock.proto")],
+            &[
+                PathBuf::from("proto/latchkey/v1/lock.proto"),
+                PathBuf::from("proto/latchkey/v1/stock.proto"),
+            ],
             &[PathBuf::from("proto"), vendored_includes],
         )?;
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds migrations/ at compile time.
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }

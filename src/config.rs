@@ -35,6 +35,8 @@ pub struct Config {
     pub redis: RedisConfig,
     #[command(flatten)]
     pub locks: LockConfig,
+    #[command(flatten)]
+    pub stock: StockConfig,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -110,6 +112,60 @@ pub struct LockConfig {
     pub linger: Duration,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct StockConfig {
+    /// Database of stock levels and orders: `sqlite://FILE` or `postgres://...`. Default: the
+    /// SQLite file `latchkey.db` in the working directory (created if missing, WAL mode).
+    /// Several latchkey replicas must share a PostgreSQL database.
+    #[arg(
+        long,
+        env = "LATCHKEY_DATABASE_URL",
+        default_value = "sqlite://latchkey.db"
+    )]
+    pub database_url: String,
+
+    /// PostgreSQL connections. SQLite always uses one connection: it has one writer anyway,
+    /// and queueing in latchkey is cheaper than SQLite's busy-retry loop.
+    #[arg(long, env = "LATCHKEY_DATABASE_POOL_SIZE", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub database_pool_size: u32,
+
+    /// Longest time to get a database connection or wait on a database lock before the RPC
+    /// fails with UNAVAILABLE.
+    #[arg(long, env = "LATCHKEY_DATABASE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub database_timeout: Duration,
+
+    /// Most items one order may have (after merging repeated products).
+    #[arg(long, env = "LATCHKEY_MAX_ORDER_ITEMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_order_items: u32,
+
+    /// Longest order_id, in bytes.
+    #[arg(long, env = "LATCHKEY_MAX_ORDER_ID_LEN", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_order_id_len: u32,
+
+    /// Longest product_id, in bytes. The product's lock is named `stock/PRODUCT_ID`, so this
+    /// plus 6 must fit in --max-name-len.
+    #[arg(long, env = "LATCHKEY_MAX_PRODUCT_ID_LEN", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_product_id_len: u32,
+
+    /// Lease of the product locks a stock operation takes. A transaction still running when it
+    /// ends is aborted (ABORTED), never committed.
+    #[arg(long, env = "LATCHKEY_STOCK_LEASE", default_value = "10s", value_parser = parse_duration)]
+    pub stock_lease: Duration,
+
+    /// Wait for product locks when a request leaves `wait_timeout` unset.
+    #[arg(long, env = "LATCHKEY_STOCK_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub stock_wait: Duration,
+
+    /// Fault injection for tests: a pause inside every stock transaction, after its checks and
+    /// before its writes. Never set it in production.
+    #[arg(long, env = "LATCHKEY_FAULT_TXN_DELAY", default_value = "0s", value_parser = parse_duration, hide = true)]
+    pub fault_txn_delay: Duration,
+}
+
 impl Config {
     /// Checks relations between settings that clap cannot express one flag at a time.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -129,6 +185,19 @@ impl Config {
         anyhow::ensure!(
             !self.redis.redis_timeout.is_zero(),
             "--redis-timeout must be above zero"
+        );
+        let st = &self.stock;
+        anyhow::ensure!(
+            st.max_product_id_len + 6 <= l.max_name_len,
+            "--max-product-id-len plus 6 (the `stock/` lock-name prefix) must fit in --max-name-len"
+        );
+        anyhow::ensure!(
+            st.stock_lease >= l.min_lease && st.stock_lease <= l.max_lease,
+            "--stock-lease must lie between --min-lease and --max-lease"
+        );
+        anyhow::ensure!(
+            st.stock_wait <= l.max_wait,
+            "--stock-wait must not exceed --max-wait"
         );
         Ok(())
     }

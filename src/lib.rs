@@ -7,6 +7,8 @@
 //! - [`grpc`]: the edge: proto messages -> validated requests, errors -> `Status`.
 //! - [`lock`]: the lock engine: acquire/wait, release, extend, inspect, holds; its Redis
 //!   scripts (`src/lock/*.lua`) and its pub/sub waiter dispatch.
+//! - [`stock`]: the stock engine (locks -> transaction -> commit -> unlock) and its SQL
+//!   (`migrations/`, SQLite or PostgreSQL).
 //! - [`telemetry`]: logs and the names of every metric.
 #![forbid(unsafe_code)]
 
@@ -14,4 +16,5 @@ pub mod config;
 pub mod grpc;
 pub mod lock;
 pub mod server;
+pub mod stock;
 pub mod telemetry;

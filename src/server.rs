@@ -1,5 +1,5 @@
-//! The tonic server: LockService, gRPC health and reflection, the Redis health watcher, and
-//! graceful shutdown.
+//! The tonic server: LockService, StockService, gRPC health and reflection, the health watcher
+//! (Redis, database), and graceful shutdown.
 //!
 //! `run` takes an already bound listener and a shutdown future, so tests bind port 0 and stop
 //! the server when they like. On shutdown: health turns NOT_SERVING, waits end with
@@ -17,20 +17,24 @@ use tracing::{info, warn};
 
 use crate::{
     config::Config,
-    grpc::{LockApi, pb},
+    grpc::{LockApi, StockApi, pb},
     lock::{
         LockEngine,
         store::{LockStore, fred_builder},
         waiters::Waiters,
     },
+    stock::{StockEngine, store::StockStore},
     telemetry,
 };
 
 /// How often the health watcher pings Redis.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The gRPC service names whose health follows Redis.
-const SERVICES: [&str; 2] = ["", "latchkey.v1.LockService"];
+/// Health service names: the whole server, and each service by its full name.
+const WHOLE: &str = "";
+const LOCKS: &str = "latchkey.v1.LockService";
+const STOCK: &str = "latchkey.v1.StockService";
+const SERVICES: [&str; 3] = [WHOLE, LOCKS, STOCK];
 
 /// Serves latchkey on `listener` until `shutdown` resolves.
 pub async fn run(
@@ -44,6 +48,16 @@ pub async fn run(
     let store = LockStore::connect(&config.redis, &config.locks)?;
     let waiters = Waiters::start(fred_builder(&config.redis)?.build_subscriber_client()?);
     let engine = Arc::new(LockEngine::new(store, waiters, stop.clone()));
+    let stock_store = StockStore::connect(&config.stock)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the stock database: {e}"))?;
+    info!(backend = ?stock_store.backend(), "stock database ready");
+    let stock = Arc::new(StockEngine::new(
+        engine.clone(),
+        stock_store,
+        config.stock.clone(),
+        config.locks.clone(),
+    )?);
 
     if let Some(listen) = config.server.metrics_listen {
         telemetry::serve_metrics(listen)?;
@@ -56,7 +70,12 @@ pub async fn run(
             .set_service_status(service, ServingStatus::NotServing)
             .await;
     }
-    tokio::spawn(watch_redis(engine.clone(), health.clone(), stop.clone()));
+    tokio::spawn(watch_health(
+        engine.clone(),
+        stock.clone(),
+        health.clone(),
+        stop.clone(),
+    ));
 
     // v1 for current tools, v1alpha for older grpcurl/grpcui builds that only speak that.
     let reflection = || {
@@ -68,6 +87,7 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let lock_api = LockApi::new(engine.clone(), config.locks.clone());
+    let stock_api = StockApi::new(stock, config.stock.clone(), config.locks.clone());
     info!(listen = %listener.local_addr()?, redis = %config.redis.redis_url, "latchkey serving");
 
     let stopping = stop.clone();
@@ -81,6 +101,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(lock_api.into_service())
+        .add_service(stock_api.into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             info!("shutting down: ending waits, releasing held locks, draining connections");
@@ -104,24 +125,42 @@ pub async fn run(
     Ok(())
 }
 
-/// Keeps the health status in line with Redis reachability until shutdown.
-async fn watch_redis(engine: Arc<LockEngine>, health: HealthReporter, stop: CancellationToken) {
-    let mut up = None;
+/// Keeps health in line with what each service needs until shutdown: LockService needs Redis,
+/// StockService needs Redis and the database, the whole server needs both.
+async fn watch_health(
+    locks: Arc<LockEngine>,
+    stock: Arc<StockEngine>,
+    health: HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut last = None;
     loop {
-        let now_up = engine.store().ping().await.is_ok();
-        if up != Some(now_up) {
-            let status = if now_up {
-                info!("Redis is reachable; serving");
-                ServingStatus::Serving
-            } else {
-                warn!("Redis is unreachable; NOT_SERVING until it answers again");
-                ServingStatus::NotServing
-            };
-            for service in SERVICES {
-                health.set_service_status(service, status).await;
+        let (redis_up, db_up) = tokio::join!(locks.store().ping(), stock.store().ping());
+        let now = (redis_up.is_ok(), db_up.is_ok());
+        if last != Some(now) {
+            let (redis_up, db_up) = now;
+            match (redis_up, db_up) {
+                (true, true) => info!("Redis and the database are reachable; serving"),
+                (false, _) => warn!("Redis is unreachable; NOT_SERVING until it answers again"),
+                (true, false) => warn!("the database is unreachable; StockService NOT_SERVING"),
             }
-            metrics::gauge!(telemetry::REDIS_UP).set(if now_up { 1.0 } else { 0.0 });
-            up = Some(now_up);
+            let status = |up: bool| {
+                if up {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                }
+            };
+            health.set_service_status(LOCKS, status(redis_up)).await;
+            health
+                .set_service_status(STOCK, status(redis_up && db_up))
+                .await;
+            health
+                .set_service_status(WHOLE, status(redis_up && db_up))
+                .await;
+            metrics::gauge!(telemetry::REDIS_UP).set(if redis_up { 1.0 } else { 0.0 });
+            metrics::gauge!(telemetry::DATABASE_UP).set(if db_up { 1.0 } else { 0.0 });
+            last = Some(now);
         }
         tokio::select! {
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}

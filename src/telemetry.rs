@@ -16,6 +16,8 @@ pub const LIVE_HOLDS: &str = "latchkey_live_holds";
 pub const REDIS_ERRORS: &str = "latchkey_redis_errors_total";
 /// Gauge, 1 while Redis answers the health check, 0 otherwise.
 pub const REDIS_UP: &str = "latchkey_redis_up";
+/// Gauge, 1 while the stock database answers the health check, 0 otherwise.
+pub const DATABASE_UP: &str = "latchkey_database_up";
 
 /// Installs the log subscriber. `RUST_LOG` sets the level (default `info`).
 pub fn init_logs() {

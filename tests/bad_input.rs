@@ -321,8 +321,11 @@ async fn limits_are_settings_not_constants() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis);
     config.locks.max_name_len = 8;
+    config.stock.max_product_id_len = 2; // product locks are named `stock/ID`
     config.locks.max_lease = secs(2);
     config.locks.default_lease = secs(1);
+    config.stock.stock_lease = secs(1);
+    config.stock.stock_wait = secs(1);
     config.locks.max_wait = secs(1);
     let server = Latchkey::start_with(config).await;
     let mut c = server.locks().await;

@@ -81,7 +81,7 @@ impl LockApi {
 
 /// When a wait must end: the request's wait timeout, cut short by the caller's gRPC deadline
 /// (minus a margin so the answer arrives before the caller gives up).
-fn wait_deadline(wait: WaitTimeout, grpc_timeout: Option<Duration>) -> Instant {
+pub(super) fn wait_deadline(wait: WaitTimeout, grpc_timeout: Option<Duration>) -> Instant {
     let mut budget = wait.get();
     if let Some(timeout) = grpc_timeout {
         budget = budget.min(timeout.saturating_sub(ANSWER_MARGIN));

@@ -7,11 +7,13 @@ pub mod codec;
 mod deadline;
 mod lock;
 mod status;
+mod stock;
 
 use std::time::Duration;
 
 pub use lock::LockApi;
 pub use status::InvalidArgument;
+pub use stock::StockApi;
 
 /// Generated protobuf and gRPC code for `proto/latchkey/v1`.
 pub mod pb {

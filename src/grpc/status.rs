@@ -7,10 +7,19 @@
 //! | `LockError::Store(Unavailable)`, `ShuttingDown` | UNAVAILABLE |
 //! | `LockError::Store(Unexpected)`| INTERNAL            |
 //! | `LockError::Cancelled`        | CANCELLED           |
+//! | `StockError::UnknownProduct`, `UnknownOrder` | NOT_FOUND |
+//! | `StockError::Insufficient`, `Overflow` | FAILED_PRECONDITION |
+//! | `StockError::OrderIdReused`   | ALREADY_EXISTS      |
+//! | `StockError::LockTimeout`, `LeaseLost`, `DbError::Conflict` | ABORTED |
+//! | `DbError::Unavailable`, lock errors as above | UNAVAILABLE |
+//! | `DbError::Other`              | INTERNAL            |
 
 use tonic::Status;
 
-use crate::lock::{Invalid, LockError, StoreError};
+use crate::{
+    lock::{Invalid, LockError, StoreError},
+    stock::{DbError, StockError},
+};
 
 /// A request field that failed validation. The message reads "`field`: problem (limit)".
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +67,27 @@ impl From<LockError> for Status {
             }
             LockError::Store(StoreError::Unexpected(_)) => Status::internal(error.to_string()),
             LockError::Cancelled => Status::cancelled(error.to_string()),
+        }
+    }
+}
+
+impl From<StockError> for Status {
+    fn from(error: StockError) -> Self {
+        let message = error.to_string();
+        match error {
+            StockError::UnknownProduct(_) | StockError::UnknownOrder(_) => {
+                Status::not_found(message)
+            }
+            StockError::Insufficient(_) | StockError::Overflow { .. } => {
+                Status::failed_precondition(message)
+            }
+            StockError::OrderIdReused(_) => Status::already_exists(message),
+            StockError::LockTimeout(_)
+            | StockError::LeaseLost(_)
+            | StockError::Db(DbError::Conflict(_)) => Status::aborted(message),
+            StockError::Db(DbError::Unavailable(_)) => Status::unavailable(message),
+            StockError::Db(DbError::Duplicate(_) | DbError::Other(_)) => Status::internal(message),
+            StockError::Lock(lock) => lock.into(),
         }
     }
 }

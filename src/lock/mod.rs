@@ -291,12 +291,15 @@ impl LockEngine {
     ) -> HoldEnd<T> {
         let every = (lease.get() / 3).max(Duration::from_millis(1));
         let mut lease_end = Instant::now() + grant.lease;
-        let mut next = Instant::now() + every;
         metrics::gauge!(telemetry::LIVE_HOLDS).increment(1.0);
         tokio::pin!(stop);
         // Messages on the lock's channel (a ForceRelease, a reconnect after Redis lost its data)
-        // trigger an immediate renewal, which tells whether the hold still owns the lock.
+        // trigger an immediate renewal, which tells whether the hold still owns the lock. What
+        // happened before the subscription was in place, the first renewal (right after it)
+        // finds out.
         let interest = self.waiters.watch(&self.store.keys(name).channel).await;
+        let mut next = Instant::now();
+        let mut first_check = true;
         let end = loop {
             let changed = interest.changed();
             tokio::pin!(changed);
@@ -320,7 +323,10 @@ impl LockEngine {
                         Ok(granted) => {
                             lease_end = asked + granted;
                             next = asked + every;
-                            renewed(granted);
+                            // The check right after the grant is not news to the client.
+                            if !std::mem::take(&mut first_check) {
+                                renewed(granted);
+                            }
                         }
                         Err(LockError::NotOwner(why)) => break HoldEnd::Lost(Lost::NotHeld(why)),
                         Err(error) => {

@@ -110,7 +110,99 @@ impl Drop for RedisServer {
     }
 }
 
-/// Settings for tests: short Redis timeout so fault tests finish quickly.
+/// Which stock database a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Sqlite,
+    Postgres,
+}
+
+/// A private stock database: a SQLite file in a temp dir, or a fresh database on the
+/// PostgreSQL server named by LATCHKEY_TEST_DATABASE_URL (started by deploy/test.sh), dropped
+/// afterwards.
+pub struct TestDb {
+    pub kind: DbKind,
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new(kind: DbKind) -> Self {
+        match kind {
+            DbKind::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir for sqlite");
+                let url = format!("sqlite://{}", dir.path().join("latchkey.db").display());
+                Self {
+                    kind,
+                    url,
+                    _dir: Some(dir),
+                    postgres: None,
+                }
+            }
+            DbKind::Postgres => {
+                let admin = std::env::var("LATCHKEY_TEST_DATABASE_URL").expect(
+                    "LATCHKEY_TEST_DATABASE_URL is unset: run the suite with deploy/test.sh, which starts a \
+                     private PostgreSQL, or point it at a server where tests may create databases",
+                );
+                let name = format!("latchkey_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+                    .await
+                    .expect("connect to the test PostgreSQL");
+                sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+                    .await
+                    .expect("create a test database");
+                let base = admin
+                    .rsplit_once('/')
+                    .map(|(base, _)| base)
+                    .unwrap_or(&admin);
+                let url = format!("{base}/{name}");
+                Self {
+                    kind,
+                    url,
+                    _dir: None,
+                    postgres: Some((admin, name)),
+                }
+            }
+        }
+    }
+
+    /// A connection pool of the test's own, to look at (and change) the data behind latchkey.
+    pub async fn pool(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop may run inside the test's runtime: use a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+                    .await
+                    .ok()?;
+                let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                sqlx::Executor::execute(&mut conn, drop.as_str()).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Settings for tests: short Redis timeout so fault tests finish quickly. The stock database
+/// is set by `Latchkey::start*`.
 pub fn test_config(redis: &RedisServer) -> latchkey::config::Config {
     let mut config =
         latchkey::config::Config::for_redis("127.0.0.1:0".parse().unwrap(), &redis.url());
@@ -123,14 +215,31 @@ pub struct Latchkey {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The private SQLite database of a server started without one.
+    _db: Option<TestDb>,
 }
 
 impl Latchkey {
+    /// latchkey on `redis` with a private SQLite stock database.
     pub async fn start(redis: &RedisServer) -> Self {
         Self::start_with(test_config(redis)).await
     }
 
-    pub async fn start_with(config: latchkey::config::Config) -> Self {
+    /// latchkey on `redis` with the stock database `db`.
+    pub async fn start_on(redis: &RedisServer, db: &TestDb) -> Self {
+        let mut config = test_config(redis);
+        config.stock.database_url = db.url.clone();
+        Self::start_with(config).await
+    }
+
+    /// latchkey with `config`; a private SQLite database unless the config names another.
+    pub async fn start_with(mut config: latchkey::config::Config) -> Self {
+        let mut own_db = None;
+        if config.stock.database_url == "sqlite://latchkey.db" {
+            let db = TestDb::new(DbKind::Sqlite).await;
+            config.stock.database_url = db.url.clone();
+            own_db = Some(db);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -142,6 +251,7 @@ impl Latchkey {
             addr,
             stop: Some(stop),
             task: None,
+            _db: own_db,
         };
         tokio::select! {
             () = server.wait_serving() => {}
@@ -161,6 +271,10 @@ impl Latchkey {
 
     pub async fn locks(&self) -> LockServiceClient<Channel> {
         LockServiceClient::new(self.channel().await)
+    }
+
+    pub async fn stock(&self) -> pb::stock_service_client::StockServiceClient<Channel> {
+        pb::stock_service_client::StockServiceClient::new(self.channel().await)
     }
 
     /// The standard gRPC health status of the whole server.
@@ -260,13 +374,19 @@ pub fn secs(n: u64) -> Duration {
 pub struct LatchkeyProcess {
     pub addr: SocketAddr,
     child: Option<Child>,
+    _db: tempfile::TempDir,
 }
 
 impl LatchkeyProcess {
     pub async fn start(redis: &RedisServer) -> Self {
         let port = free_port();
+        let db = tempfile::tempdir().expect("temp dir for sqlite");
         let child = Command::new(env!("CARGO_BIN_EXE_latchkey"))
             .arg("serve")
+            .env(
+                "LATCHKEY_DATABASE_URL",
+                format!("sqlite://{}", db.path().join("latchkey.db").display()),
+            )
             .env("LATCHKEY_LISTEN", format!("127.0.0.1:{port}"))
             .env("LATCHKEY_REDIS_URL", redis.url())
             .env("LATCHKEY_REDIS_TIMEOUT", "1s")
@@ -277,6 +397,7 @@ impl LatchkeyProcess {
         let process = Self {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: Some(child),
+            _db: db,
         };
         wait_until(Duration::from_secs(15), || async {
             let Ok(channel) = Channel::from_shared(format!("http://{}", process.addr))

@@ -1,0 +1,349 @@
+//! The SQL side of stock: connection, migrations, and every query, written once in portable SQL
+//! for SQLite and PostgreSQL (sqlx's `Any` driver; `$N` placeholders work on both).
+//!
+//! Promises:
+//! - every write to a product carries the fence of the product lock its caller holds, and is
+//!   refused (`None` / `false`) when a newer fence already wrote the row;
+//! - a stock level never goes below zero (checked in the UPDATE itself and by a CHECK
+//!   constraint), whatever the callers did;
+//! - SQLite transactions start with `BEGIN IMMEDIATE`, so a transaction that read a value can
+//!   always write it (no SQLITE_BUSY_SNAPSHOT upgrade failures).
+
+use sqlx::{
+    Any, AnyPool, Executor, Row, Transaction,
+    any::{AnyPoolOptions, install_default_drivers},
+};
+
+use super::request::{OrderId, ProductId, Units};
+use crate::config::StockConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub type Tx = Transaction<'static, Any>;
+
+/// An order as stored.
+#[derive(Debug, Clone)]
+pub struct StoredOrder {
+    /// (product, quantity, stock left right after the order), sorted by product id.
+    pub items: Vec<(ProductId, Units, Units)>,
+    pub restored: bool,
+}
+
+pub struct StockStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl StockStore {
+    /// Connects, applies the embedded migrations, and returns the store.
+    pub async fn connect(config: &StockConfig) -> Result<Self, DbError> {
+        install_default_drivers();
+        let url = config.database_url.as_str();
+        let (backend, url, connections) = if url.starts_with("sqlite:") {
+            // Create the file if it is missing.
+            let url = if url.contains("mode=") {
+                url.to_owned()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (Backend::Sqlite, url, 1)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            (Backend::Postgres, url.to_owned(), config.database_pool_size)
+        } else {
+            return Err(DbError::Other(format!(
+                "LATCHKEY_DATABASE_URL must start with sqlite: or postgres:, not {url:?}"
+            )));
+        };
+        let timeout_ms = config.database_timeout.as_millis().to_string();
+        let pool = AnyPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(config.database_timeout)
+            .after_connect(move |conn, _meta| {
+                let timeout_ms = timeout_ms.clone();
+                Box::pin(async move {
+                    let settings: Vec<String> = match backend {
+                        Backend::Sqlite => vec![
+                            "PRAGMA journal_mode = WAL".into(),
+                            format!("PRAGMA busy_timeout = {timeout_ms}"),
+                            "PRAGMA foreign_keys = ON".into(),
+                        ],
+                        Backend::Postgres => vec![
+                            format!("SET statement_timeout = {timeout_ms}"),
+                            format!("SET lock_timeout = {timeout_ms}"),
+                        ],
+                    };
+                    for setting in settings {
+                        conn.execute(sqlx::query(&setting)).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| DbError::Other(format!("migrations failed: {e}")))?;
+        Ok(Self { pool, backend })
+    }
+
+    /// A round trip to the database, for health checks.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Begins a write transaction.
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// A product's committed stock, without a transaction.
+    pub async fn stock(&self, product: &ProductId) -> Result<Option<Units>, DbError> {
+        let stock: Option<i64> = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
+            .bind(product.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(stock.map(Units::from_stored))
+    }
+
+    /// The products and quantities of an order, without a transaction (to know which locks to
+    /// take before the transaction begins). None when the order is unknown.
+    pub async fn order_items(
+        &self,
+        order: &OrderId,
+    ) -> Result<Option<Vec<(ProductId, Units)>>, DbError> {
+        let rows = sqlx::query("SELECT product_id, quantity FROM order_items WHERE order_id = $1")
+            .bind(order.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    ProductId::from_stored(row.try_get(0)?),
+                    Units::from_stored(row.try_get(1)?),
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map(Some)
+            .map_err(DbError::from)
+    }
+}
+
+/// The order `id` as stored, read inside `tx`.
+pub async fn find_order(tx: &mut Tx, id: &OrderId) -> Result<Option<StoredOrder>, DbError> {
+    let rows = sqlx::query(
+        "SELECT o.restored_ms, i.product_id, i.quantity, i.remaining \
+         FROM orders o JOIN order_items i ON i.order_id = o.id WHERE o.id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let restored = first.try_get::<Option<i64>, _>(0)?.is_some();
+    let mut items = rows
+        .iter()
+        .map(|row| {
+            Ok((
+                ProductId::from_stored(row.try_get(1)?),
+                Units::from_stored(row.try_get(2)?),
+                Units::from_stored(row.try_get(3)?),
+            ))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    // Rust's byte order, not the database collation: it is the order `Order` uses.
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Some(StoredOrder { items, restored }))
+}
+
+/// A product's stock, read inside `tx`. None when the product does not exist.
+pub async fn stock_in(tx: &mut Tx, product: &ProductId) -> Result<Option<Units>, DbError> {
+    let stock: Option<i64> = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
+        .bind(product.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(stock.map(Units::from_stored))
+}
+
+/// Takes `quantity` from a product under `fence`. Returns the stock left, or None when the row
+/// was written by a newer fence (or, impossible under the lock, the stock is short).
+pub async fn take(
+    tx: &mut Tx,
+    product: &ProductId,
+    quantity: Units,
+    fence: u64,
+) -> Result<Option<Units>, DbError> {
+    let left: Option<i64> = sqlx::query_scalar(
+        "UPDATE products SET stock = stock - $1, last_fence = $2 \
+         WHERE id = $3 AND last_fence <= $2 AND stock >= $1 RETURNING stock",
+    )
+    .bind(quantity.get())
+    .bind(fence_sql(fence))
+    .bind(product.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(left.map(Units::from_stored))
+}
+
+/// Gives `quantity` back to a product under `fence`. Returns the new stock, or None when the
+/// row was written by a newer fence or the sum would not fit BIGINT.
+pub async fn give_back(
+    tx: &mut Tx,
+    product: &ProductId,
+    quantity: Units,
+    fence: u64,
+) -> Result<Option<Units>, DbError> {
+    let stock: Option<i64> = sqlx::query_scalar(
+        "UPDATE products SET stock = stock + $1, last_fence = $2 \
+         WHERE id = $3 AND last_fence <= $2 AND stock <= $4 RETURNING stock",
+    )
+    .bind(quantity.get())
+    .bind(fence_sql(fence))
+    .bind(product.as_str())
+    .bind(i64::MAX - quantity.get())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(stock.map(Units::from_stored))
+}
+
+/// Creates a product or sets its stock under `fence`. False when a newer fence wrote it.
+pub async fn set_stock(
+    tx: &mut Tx,
+    product: &ProductId,
+    stock: Units,
+    fence: u64,
+) -> Result<bool, DbError> {
+    let written = sqlx::query(
+        "INSERT INTO products (id, stock, last_fence) VALUES ($1, $2, $3) \
+         ON CONFLICT (id) DO UPDATE SET stock = excluded.stock, last_fence = excluded.last_fence \
+         WHERE products.last_fence <= excluded.last_fence",
+    )
+    .bind(product.as_str())
+    .bind(stock.get())
+    .bind(fence_sql(fence))
+    .execute(&mut **tx)
+    .await?;
+    Ok(written.rows_affected() == 1)
+}
+
+/// Records an applied order with, per item, the stock left right after it.
+pub async fn insert_order(
+    tx: &mut Tx,
+    id: &OrderId,
+    items: &[(ProductId, Units, Units)],
+    now_ms: i64,
+) -> Result<(), DbError> {
+    sqlx::query("INSERT INTO orders (id, created_ms) VALUES ($1, $2)")
+        .bind(id.as_str())
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?;
+    for (product, quantity, remaining) in items {
+        sqlx::query("INSERT INTO order_items (order_id, product_id, quantity, remaining) VALUES ($1, $2, $3, $4)")
+            .bind(id.as_str())
+            .bind(product.as_str())
+            .bind(quantity.get())
+            .bind(remaining.get())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Marks an order restored. False when it already was.
+pub async fn mark_restored(tx: &mut Tx, id: &OrderId, now_ms: i64) -> Result<bool, DbError> {
+    let marked =
+        sqlx::query("UPDATE orders SET restored_ms = $1 WHERE id = $2 AND restored_ms IS NULL")
+            .bind(now_ms)
+            .bind(id.as_str())
+            .execute(&mut **tx)
+            .await?;
+    Ok(marked.rows_affected() == 1)
+}
+
+/// Fences are Redis microsecond times (~2^51), far inside BIGINT.
+fn fence_sql(fence: u64) -> i64 {
+    i64::try_from(fence).unwrap_or(i64::MAX)
+}
+
+/// The database did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// Unreachable, timed out, or locked for longer than the database timeout.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// A write conflict (serialization failure, deadlock): nothing was written; retryable.
+    #[error("the database reported a write conflict: {0}")]
+    Conflict(String),
+    /// A unique key already exists (an order id used concurrently for other items).
+    #[error("duplicate key: {0}")]
+    Duplicate(String),
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(error: sqlx::Error) -> Self {
+        let text = error.to_string();
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(text),
+            sqlx::Error::Database(db) => match db.code().as_deref().unwrap_or_default() {
+                // PostgreSQL serialization failure / deadlock; SQLite BUSY_SNAPSHOT.
+                "40001" | "40P01" | "517" => Self::Conflict(text),
+                // PostgreSQL unique violation; SQLite CONSTRAINT_PRIMARYKEY / CONSTRAINT_UNIQUE.
+                "23505" | "1555" | "2067" => Self::Duplicate(text),
+                // PostgreSQL: too many connections, statement timeout, lock timeout, connection
+                // exceptions (08xxx), server shutting down (57P0x).
+                "53300" | "57014" | "55P03" => Self::Unavailable(text),
+                code if code.starts_with("08") || code.starts_with("57P") => {
+                    Self::Unavailable(text)
+                }
+                // SQLite (numeric codes of at most 4 digits; PostgreSQL's have 5): BUSY, LOCKED,
+                // IOERR, CANTOPEN and their extended codes (primary code in the low byte).
+                code if code.len() <= 4
+                    && code
+                        .parse::<u32>()
+                        .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 14)) =>
+                {
+                    Self::Unavailable(text)
+                }
+                _ => Self::Other(text),
+            },
+            _ => Self::Other(text),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, for the record only (never for ordering).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,704 @@
+//! StockService against real Redis and a real database; every scenario runs on SQLite and on
+//! PostgreSQL.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::*;
+use latchkey::grpc::pb::{self, stock_service_client::StockServiceClient};
+use rand::{RngExt, SeedableRng, rngs::StdRng, seq::SliceRandom};
+use sqlx::Row;
+use tonic::{Code, transport::Channel};
+
+/// Runs each scenario once per database backend.
+macro_rules! on_both_databases {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::DbKind::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::DbKind::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_databases!(
+    a_hundred_units_go_to_exactly_a_hundred_of_a_thousand_buyers,
+    multi_item_orders_over_overlapping_products_never_deadlock_or_apply_partly,
+    the_transaction_begins_only_after_the_product_lock_is_held,
+    a_lease_lost_mid_transaction_aborts_and_the_sale_made_meanwhile_stands,
+    the_same_order_sent_twice_at_once_is_applied_once,
+    restore_gives_an_order_back_exactly_once,
+    unknown_products_and_orders_are_not_found_and_change_nothing,
+    a_short_order_names_each_short_product_and_changes_nothing,
+    set_stock_waits_for_the_product_lock,
+    bad_input_is_refused_naming_the_field_and_changes_nothing,
+);
+
+fn item(product: &str, quantity: u64) -> pb::StockItem {
+    pb::StockItem {
+        product_id: product.into(),
+        quantity,
+    }
+}
+
+fn order(id: &str, items: Vec<pb::StockItem>, wait: Duration) -> pb::ReduceStockRequest {
+    pb::ReduceStockRequest {
+        order_id: id.into(),
+        items,
+        wait_timeout: dur(wait),
+    }
+}
+
+async fn set(stock: &mut StockServiceClient<Channel>, product: &str, units: u64) {
+    stock
+        .set_stock(pb::SetStockRequest {
+            product_id: product.into(),
+            stock: units,
+        })
+        .await
+        .expect("set stock");
+}
+
+async fn level(stock: &StockServiceClient<Channel>, product: &str) -> u64 {
+    let answer = stock
+        .clone()
+        .get_stock(pb::GetStockRequest {
+            product_id: product.into(),
+        })
+        .await;
+    answer
+        .expect("get stock")
+        .into_inner()
+        .level
+        .expect("a level")
+        .stock
+}
+
+/// (orders recorded, units recorded) for `product`, read from the database itself.
+async fn ledger(db: &TestDb, product: &str) -> (i64, i64) {
+    let pool = db.pool().await;
+    let row = sqlx::query(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(i.quantity), 0) AS BIGINT) FROM order_items i \
+         JOIN orders o ON o.id = i.order_id WHERE i.product_id = $1 AND o.restored_ms IS NULL",
+    )
+    .bind(product)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    (row.get(0), row.get(1))
+}
+
+async fn a_hundred_units_go_to_exactly_a_hundred_of_a_thousand_buyers(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    set(&mut server.stock().await, "last-tickets", 100).await;
+
+    let mut buyers = Vec::new();
+    for buyer in 0..100 {
+        // 100 clients, each with a connection of its own, each placing 10 orders of 1 unit.
+        let mut client = server.stock().await;
+        buyers.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for n in 0..10 {
+                let id = format!("buyer-{buyer}-order-{n}");
+                let answer = client
+                    .reduce_stock(order(&id, vec![item("last-tickets", 1)], secs(120)))
+                    .await;
+                outcomes.push(
+                    answer
+                        .map(|a| a.into_inner())
+                        .map_err(|s| (s.code(), s.message().to_owned())),
+                );
+            }
+            outcomes
+        }));
+    }
+    let (mut sold, mut refused) = (0, 0);
+    for buyer in buyers {
+        for outcome in buyer.await.unwrap() {
+            match outcome {
+                Ok(answer) => {
+                    assert!(!answer.replayed);
+                    sold += 1;
+                }
+                Err((Code::FailedPrecondition, message)) => {
+                    assert!(message.contains("0 available"), "{message}");
+                    refused += 1;
+                }
+                Err(other) => panic!("unexpected answer: {other:?}"),
+            }
+        }
+    }
+    assert_eq!((sold, refused), (100, 900));
+    let stock = server.stock().await;
+    assert_eq!(level(&stock, "last-tickets").await, 0);
+    assert_eq!(
+        ledger(&db, "last-tickets").await,
+        (100, 100),
+        "100 - 100 sold = 0 left"
+    );
+}
+
+async fn multi_item_orders_over_overlapping_products_never_deadlock_or_apply_partly(kind: DbKind) {
+    let seed: u64 = rand::rng().random();
+    println!("seed {seed} (replay: set it in this test)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let products = ["p-a", "p-b", "p-c", "p-d", "p-e"];
+    let initial = 40;
+    for product in products {
+        set(&mut server.stock().await, product, initial).await;
+    }
+
+    // 200 orders of 1..=3 different products (listed in random order, sometimes one product
+    // twice), quantities 1..=3, sent by 40 clients at once.
+    let mut orders = Vec::new();
+    for n in 0..200 {
+        let mut picked = products.to_vec();
+        picked.shuffle(&mut rng);
+        let mut items: Vec<pb::StockItem> = picked[..rng.random_range(1..=3)]
+            .iter()
+            .map(|p| item(p, rng.random_range(1..=3)))
+            .collect();
+        if rng.random_bool(0.2) {
+            let again = items[0].product_id.clone();
+            items.push(item(&again, 1));
+        }
+        orders.push(order(&format!("mix-{n}"), items, secs(120)));
+    }
+    let mut clients = Vec::new();
+    for chunk in orders.chunks(5) {
+        let mut client = server.stock().await;
+        let chunk = chunk.to_vec();
+        clients.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for request in chunk {
+                let answer = client.reduce_stock(request.clone()).await;
+                results.push((
+                    request,
+                    answer.map(|a| a.into_inner()).map_err(|s| s.code()),
+                ));
+            }
+            results
+        }));
+    }
+    let mut sold: HashMap<String, u64> = HashMap::new();
+    let mut applied = 0;
+    for client in clients {
+        for (request, answer) in client.await.unwrap() {
+            match answer {
+                Ok(_) => {
+                    applied += 1;
+                    for item in &request.items {
+                        *sold.entry(item.product_id.clone()).or_default() += item.quantity;
+                    }
+                }
+                Err(Code::FailedPrecondition) => {}
+                Err(code) => panic!("seed {seed}: order {} got {code:?}", request.order_id),
+            }
+        }
+    }
+    assert!(applied > 0, "seed {seed}: some orders must go through");
+    let stock = server.stock().await;
+    for product in products {
+        let sold = sold.get(product).copied().unwrap_or(0);
+        assert_eq!(
+            level(&stock, product).await,
+            initial - sold,
+            "seed {seed}: {product}"
+        );
+        let (_, recorded) = ledger(&db, product).await;
+        assert_eq!(
+            recorded as u64, sold,
+            "seed {seed}: the ledger of {product}"
+        );
+    }
+}
+
+async fn the_transaction_begins_only_after_the_product_lock_is_held(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    let mut locks = server.locks().await;
+    set(&mut stock, "gpu", 10).await;
+
+    let held = locks
+        .acquire(acquire("stock/gpu", secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+    let mut buyer = server.stock().await;
+    let buying = tokio::spawn(async move {
+        buyer
+            .reduce_stock(order("o-1", vec![item("gpu", 5)], secs(30)))
+            .await
+    });
+    let inspect = || {
+        let mut locks = locks.clone();
+        async move {
+            locks
+                .inspect(pb::InspectRequest {
+                    name: "stock/gpu".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    wait_until(secs(10), || async { inspect().await.waiters == 1 }).await;
+
+    // While ReduceStock waits for the lock, the stock changes in the database. A transaction
+    // begun before the lock would have read 10.
+    let pool = db.pool().await;
+    sqlx::query("UPDATE products SET stock = 3 WHERE id = 'gpu'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    locks
+        .release(pb::ReleaseRequest {
+            name: "stock/gpu".into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
+
+    let status = buying.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("product gpu has 3 available, 5 requested"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(level(&stock, "gpu").await, 3);
+    assert_eq!(ledger(&db, "gpu").await, (0, 0));
+}
+
+async fn a_lease_lost_mid_transaction_aborts_and_the_sale_made_meanwhile_stands(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    // The slow server: product leases of 300 ms, and 1.5 s spent inside each transaction.
+    let mut slow_config = test_config(&redis);
+    slow_config.stock.database_url = db.url.clone();
+    slow_config.stock.stock_lease = ms(300);
+    slow_config.stock.fault_txn_delay = ms(1500);
+    let slow = Latchkey::start_with(slow_config).await;
+    let fast = Latchkey::start_on(&redis, &db).await;
+    let mut stock = fast.stock().await;
+    set(&mut stock, "camera", 10).await;
+
+    let mut slow_buyer = slow.stock().await;
+    let stale = tokio::spawn(async move {
+        slow_buyer
+            .reduce_stock(order("slow-1", vec![item("camera", 4)], secs(5)))
+            .await
+    });
+    let locks = fast.locks().await;
+    wait_until(secs(10), || {
+        let mut locks = locks.clone();
+        async move {
+            locks
+                .inspect(pb::InspectRequest {
+                    name: "stock/camera".into(),
+                })
+                .await
+                .unwrap()
+                .get_ref()
+                .held
+        }
+    })
+    .await;
+    // This buyer gets the lock once the slow holder's lease ran out, and sells while the slow
+    // transaction still sleeps.
+    let sale = stock
+        .reduce_stock(order("fast-1", vec![item("camera", 1)], secs(20)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sale.remaining[0].stock, 9);
+
+    let status = stale.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(status.message().contains("lease"), "{}", status.message());
+    assert_eq!(
+        level(&stock, "camera").await,
+        9,
+        "the stale holder wrote nothing and undid nothing"
+    );
+    assert_eq!(ledger(&db, "camera").await, (1, 1));
+}
+
+async fn the_same_order_sent_twice_at_once_is_applied_once(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    set(&mut stock, "mug", 10).await;
+    set(&mut stock, "tea", 10).await;
+
+    let request = order(
+        "double-click",
+        vec![item("mug", 3), item("tea", 1)],
+        secs(20),
+    );
+    let (mut a, mut b) = (server.stock().await, server.stock().await);
+    let (ra, rb) = (request.clone(), request.clone());
+    let (first, second) = tokio::join!(a.reduce_stock(ra), b.reduce_stock(rb));
+    let (first, second) = (first.unwrap().into_inner(), second.unwrap().into_inner());
+    assert_eq!(
+        first.replayed as u8 + second.replayed as u8,
+        1,
+        "exactly one of them applied"
+    );
+    assert_eq!(
+        first.remaining, second.remaining,
+        "the replay repeats the original answer"
+    );
+    assert_eq!(
+        (level(&stock, "mug").await, level(&stock, "tea").await),
+        (7, 9)
+    );
+
+    // Later, and with the items listed the other way round: still the same order.
+    let later = order(
+        "double-click",
+        vec![item("tea", 1), item("mug", 2), item("mug", 1)],
+        secs(20),
+    );
+    let later = stock.reduce_stock(later).await.unwrap().into_inner();
+    assert!(later.replayed);
+    assert_eq!(later.remaining, first.remaining);
+
+    // The same id for other items is a client bug, refused without change.
+    let status = stock
+        .reduce_stock(order("double-click", vec![item("mug", 1)], secs(20)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(
+        (level(&stock, "mug").await, level(&stock, "tea").await),
+        (7, 9)
+    );
+}
+
+async fn restore_gives_an_order_back_exactly_once(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    set(&mut stock, "lamp", 10).await;
+    set(&mut stock, "bulb", 20).await;
+    let sold = stock
+        .reduce_stock(order(
+            "o-77",
+            vec![item("lamp", 4), item("bulb", 8)],
+            secs(20),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        sold.remaining.iter().map(|l| l.stock).collect::<Vec<_>>(),
+        vec![12, 6]
+    );
+
+    let restore = pb::RestoreStockRequest {
+        order_id: "o-77".into(),
+        wait_timeout: None,
+    };
+    let first = stock
+        .restore_stock(restore.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.replayed);
+    assert_eq!(
+        first
+            .remaining
+            .iter()
+            .map(|l| (l.product_id.as_str(), l.stock))
+            .collect::<Vec<_>>(),
+        vec![("bulb", 20), ("lamp", 10)]
+    );
+    let second = stock.restore_stock(restore).await.unwrap().into_inner();
+    assert!(second.replayed);
+    assert_eq!(
+        (level(&stock, "lamp").await, level(&stock, "bulb").await),
+        (10, 20)
+    );
+
+    // The order id stays used: sending the order again replays it and sells nothing.
+    let again = stock
+        .reduce_stock(order(
+            "o-77",
+            vec![item("lamp", 4), item("bulb", 8)],
+            secs(20),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(
+        (level(&stock, "lamp").await, level(&stock, "bulb").await),
+        (10, 20)
+    );
+}
+
+async fn unknown_products_and_orders_are_not_found_and_change_nothing(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    set(&mut stock, "known", 5).await;
+
+    let status = stock
+        .reduce_stock(order(
+            "o-1",
+            vec![item("known", 1), item("ghost", 1)],
+            secs(5),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("ghost"), "{}", status.message());
+    assert_eq!(level(&stock, "known").await, 5);
+
+    let status = stock
+        .get_stock(pb::GetStockRequest {
+            product_id: "ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = stock
+        .restore_stock(pb::RestoreStockRequest {
+            order_id: "never-placed".into(),
+            wait_timeout: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains("never-placed"));
+    assert_eq!(ledger(&db, "known").await, (0, 0));
+}
+
+async fn a_short_order_names_each_short_product_and_changes_nothing(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    set(&mut stock, "p1", 2).await;
+    set(&mut stock, "p2", 1).await;
+    set(&mut stock, "p3", 10).await;
+    let status = stock
+        .reduce_stock(order(
+            "short",
+            vec![item("p3", 1), item("p1", 3), item("p2", 2)],
+            secs(5),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let message = status.message();
+    assert!(
+        message.contains("product p1 has 2 available, 3 requested"),
+        "{message}"
+    );
+    assert!(
+        message.contains("product p2 has 1 available, 2 requested"),
+        "{message}"
+    );
+    assert!(!message.contains("p3"), "{message}");
+    assert_eq!(
+        (
+            level(&stock, "p1").await,
+            level(&stock, "p2").await,
+            level(&stock, "p3").await
+        ),
+        (2, 1, 10),
+        "all or nothing"
+    );
+}
+
+async fn set_stock_waits_for_the_product_lock(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    let mut locks = server.locks().await;
+    set(&mut stock, "desk", 1).await;
+    let held = locks
+        .acquire(acquire("stock/desk", secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut setter = server.stock().await;
+    let setting = tokio::spawn(async move {
+        setter
+            .set_stock(pb::SetStockRequest {
+                product_id: "desk".into(),
+                stock: 50,
+            })
+            .await
+    });
+    wait_until(secs(10), || {
+        let mut locks = locks.clone();
+        async move {
+            locks
+                .inspect(pb::InspectRequest {
+                    name: "stock/desk".into(),
+                })
+                .await
+                .unwrap()
+                .get_ref()
+                .waiters
+                == 1
+        }
+    })
+    .await;
+    assert_eq!(
+        level(&stock, "desk").await,
+        1,
+        "not set while the lock is held elsewhere"
+    );
+    locks
+        .release(pb::ReleaseRequest {
+            name: "stock/desk".into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
+    let set = setting.await.unwrap().unwrap().into_inner();
+    assert_eq!(set.level.unwrap().stock, 50);
+    assert_eq!(level(&stock, "desk").await, 50);
+}
+
+async fn bad_input_is_refused_naming_the_field_and_changes_nothing(kind: DbKind) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    set(&mut stock, "pen", 5).await;
+    let max = i64::MAX as u64;
+    let wait = secs(5);
+    let cases: Vec<(&str, pb::ReduceStockRequest, &str)> = vec![
+        (
+            "empty order id",
+            order("", vec![item("pen", 1)], wait),
+            "order_id:",
+        ),
+        (
+            "129-byte order id",
+            order(&"o".repeat(129), vec![item("pen", 1)], wait),
+            "order_id:",
+        ),
+        (
+            "control char in order id",
+            order("o\u{7}", vec![item("pen", 1)], wait),
+            "order_id:",
+        ),
+        ("no items", order("o", vec![], wait), "items:"),
+        (
+            "101 items",
+            order("o", (0..101).map(|_| item("pen", 1)).collect(), wait),
+            "items:",
+        ),
+        (
+            "zero quantity",
+            order("o", vec![item("pen", 1), item("pen", 0)], wait),
+            "items[1].quantity:",
+        ),
+        (
+            "u64::MAX quantity",
+            order("o", vec![item("pen", u64::MAX)], wait),
+            "items[0].quantity:",
+        ),
+        (
+            "merged overflow",
+            order("o", vec![item("pen", max), item("pen", max)], wait),
+            "items:",
+        ),
+        (
+            "empty product id",
+            order("o", vec![item("", 1)], wait),
+            "items[0].product_id:",
+        ),
+        (
+            "129-byte product id",
+            order("o", vec![item(&"p".repeat(129), 1)], wait),
+            "items[0].product_id:",
+        ),
+        (
+            "brace in product id",
+            order("o", vec![item("p{1}", 1)], wait),
+            "items[0].product_id:",
+        ),
+        (
+            "over-max wait",
+            order("o", vec![item("pen", 1)], secs(301)),
+            "wait_timeout:",
+        ),
+    ];
+    for (case, request, field) in cases {
+        let status = stock.reduce_stock(request).await.expect_err(case);
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+        assert!(
+            status.message().starts_with(field),
+            "{case}: {:?} does not start with {field}",
+            status.message()
+        );
+    }
+    let status = stock
+        .set_stock(pb::SetStockRequest {
+            product_id: "pen".into(),
+            stock: u64::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("stock:"),
+        "{}",
+        status.message()
+    );
+    let status = stock
+        .restore_stock(pb::RestoreStockRequest {
+            order_id: String::new(),
+            wait_timeout: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(status.code() == Code::InvalidArgument && status.message().starts_with("order_id:"));
+
+    assert_eq!(level(&stock, "pen").await, 5);
+    assert_eq!(ledger(&db, "pen").await, (0, 0));
+    // 100 items (the limit) of one product is fine: merged, it is one item of 100 units.
+    let status = stock
+        .reduce_stock(order("o", (0..100).map(|_| item("pen", 1)).collect(), wait))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("5 available, 100 requested"),
+        "{}",
+        status.message()
+    );
+}
