@@ -108,7 +108,7 @@ pub struct LockConfig {
     /// How long a lock's Redis hash outlives the end of its lease. While it lingers, a late
     /// Release/Extend is told "expired" rather than "not held", and the stored fence keeps the
     /// next grant's fence above every earlier one even if Redis' clock stepped back by less.
-    #[arg(long, env = "LATCHKEY_LOCK_LINGER", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long = "lock-linger", env = "LATCHKEY_LOCK_LINGER", default_value = "60s", value_parser = parse_duration)]
     pub linger: Duration,
 }
 
@@ -135,7 +135,7 @@ pub struct StockConfig {
     #[arg(long, env = "LATCHKEY_DATABASE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub database_timeout: Duration,
 
-    /// Most items one order may have (after merging repeated products).
+    /// Most items one order may have, counted as sent (before repeated products are merged).
     #[arg(long, env = "LATCHKEY_MAX_ORDER_ITEMS", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_order_items: u32,
