@@ -110,6 +110,12 @@ pub struct LockConfig {
     /// next grant's fence above every earlier one even if Redis' clock stepped back by less.
     #[arg(long = "lock-linger", env = "LATCHKEY_LOCK_LINGER", default_value = "60s", value_parser = parse_duration)]
     pub linger: Duration,
+
+    /// How long a queued fair waiter stays in its lock's queue without its latchkey process
+    /// refreshing it (every third of this). A waiter whose process died is skipped at most
+    /// 4/3 of this after the death: 2s by default.
+    #[arg(long, env = "LATCHKEY_FAIR_WAITER_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
+    pub fair_waiter_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -156,6 +162,11 @@ pub struct StockConfig {
     #[arg(long, env = "LATCHKEY_STOCK_LEASE", default_value = "10s", value_parser = parse_duration)]
     pub stock_lease: Duration,
 
+    /// Take product locks fairly (FIFO), so stock goes to buyers in arrival order. `false`:
+    /// plain locks (whoever's retry reaches Redis first).
+    #[arg(long, env = "LATCHKEY_STOCK_FAIR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub stock_fair: bool,
+
     /// Wait for product locks when a request leaves `wait_timeout` unset.
     #[arg(long, env = "LATCHKEY_STOCK_WAIT", default_value = "5s", value_parser = parse_duration)]
     pub stock_wait: Duration,
@@ -181,6 +192,10 @@ impl Config {
         anyhow::ensure!(
             !l.key_prefix.is_empty() && !l.key_prefix.contains(['{', '}']),
             "--key-prefix must be non-empty and contain no '{{' or '}}' (they delimit Redis hash tags)"
+        );
+        anyhow::ensure!(
+            l.fair_waiter_timeout >= Duration::from_millis(30),
+            "--fair-waiter-timeout must be at least 30ms"
         );
         anyhow::ensure!(
             !self.redis.redis_timeout.is_zero(),

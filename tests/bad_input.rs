@@ -299,24 +299,6 @@ async fn bad_input_is_refused_naming_the_field_and_the_limit_and_touches_no_redi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fair_locks_are_refused_as_unimplemented_until_they_exist() {
-    let redis = RedisServer::start();
-    let server = Latchkey::start(&redis).await;
-    let mut c = server.locks().await;
-    let status = c
-        .acquire(pb::AcquireRequest {
-            fair: true,
-            ..acquire("orders/1", secs(30), Duration::ZERO)
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().starts_with("fair:"));
-    let keys: i64 = redis.client().await.dbsize().await.unwrap();
-    assert_eq!(keys, 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_settings_not_constants() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis);

@@ -65,16 +65,12 @@ impl LockApi {
         } else {
             Some(self.token(&m.token)?)
         };
-        if m.fair {
-            return Err(Status::unimplemented(
-                "fair: fair (FIFO) locks are not implemented yet; send fair=false",
-            ));
-        }
         Ok(AcquireRequest {
             name,
             lease,
             wait,
             reenter,
+            fair: m.fair,
         })
     }
 }

@@ -1,6 +1,8 @@
 -- force_release.lua: free a lock whoever holds it, and notify waiters.
 --
 -- KEYS[1]  PREFIX:{name}:lock
+-- KEYS[2]  PREFIX:{name}:waiters
+-- KEYS[3]  PREFIX:{name}:queue
 -- ARGV[1]  linger in ms
 -- ARGV[2]  unlock channel, PREFIX:{name}:unlock
 --
@@ -9,5 +11,5 @@
 local now_ms = redis_now()
 local _, _, _, _, live = read_lock(KEYS[1], now_ms)
 if not live then return 0 end
-free_lock(KEYS[1], tonumber(ARGV[1]), ARGV[2], 'forced')
+free_lock(KEYS[1], KEYS[2], KEYS[3], now_ms, tonumber(ARGV[1]), ARGV[2], 'forced')
 return 1

@@ -13,15 +13,19 @@
 //!   grants, unchanged by re-entry, and still increasing after Redis loses its data.
 //! - **Holds** renew every lease/3 until stopped, and report the lock LOST as soon as Redis no
 //!   longer records them, or when renewals failed until the lease ran out.
+//! - **Fair locks** are granted in the order waiters joined the lock's queue in Redis; only the
+//!   head is woken; a departed waiter leaves the queue at once, a dead process's waiters lapse
+//!   within 4/3 of `fair_waiter_timeout` (see `fair`).
 //!
 //! Layout: `request` (typed, validated inputs), `store` (Redis keys and scripts), `waiters`
-//! (pub/sub wake-ups).
+//! (pub/sub wake-ups), `fair` (the queue refresher).
 
+mod fair;
 pub mod request;
 pub mod store;
 pub mod waiters;
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -97,6 +101,10 @@ pub struct LockEngine {
     waiters: Waiters,
     /// Cancelled when the server shuts down: waits end, holds release.
     shutdown: CancellationToken,
+    /// Fair waiters queued by this process, kept alive by `fair::refresh`.
+    fair: Arc<fair::FairWaiting>,
+    /// How long a fair waiter's queue entry lives without a refresh.
+    fair_alive: Duration,
 }
 
 /// Slack added to a holder's TTL before retrying, so the retry lands after the lease ended
@@ -104,12 +112,22 @@ pub struct LockEngine {
 const TTL_SLACK: Duration = Duration::from_millis(2);
 
 impl LockEngine {
-    pub fn new(store: LockStore, waiters: Waiters, shutdown: CancellationToken) -> Self {
-        Self {
+    /// Builds the engine and starts its fair-queue refresher (which ends with the engine).
+    pub fn start(
+        store: LockStore,
+        waiters: Waiters,
+        shutdown: CancellationToken,
+        fair_alive: Duration,
+    ) -> Arc<Self> {
+        let engine = Arc::new(Self {
             store,
             waiters,
             shutdown,
-        }
+            fair: Arc::default(),
+            fair_alive,
+        });
+        tokio::spawn(fair::refresh(Arc::downgrade(&engine), fair_alive));
+        engine
     }
 
     pub fn store(&self) -> &LockStore {
@@ -158,6 +176,15 @@ impl LockEngine {
                 holds: g.holds,
             })
         };
+        if req.fair && !reenter {
+            return self
+                .acquire_fair(req, token, deadline, gone)
+                .await
+                .map(|g| match g {
+                    Ok(g) => grant(g),
+                    Err(holder_ttl) => Acquired::TimedOut { holder_ttl },
+                });
+        }
 
         // Fast path: an uncontended lock costs one script and no subscription.
         let mut holder_ttl = match self.attempt(name, token, reenter, req.lease, None).await? {
@@ -224,6 +251,86 @@ impl LockEngine {
             }
         }
         drop(interest);
+        outcome
+    }
+
+    /// The fair path: queue in Redis, wait to be named head, take the lock.
+    /// Ok(Ok(grant)) or Ok(Err(holder_ttl)) when the wait ran out.
+    async fn acquire_fair(
+        &self,
+        req: &AcquireRequest,
+        token: Token,
+        deadline: Instant,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Result<store::Granted, Duration>, LockError> {
+        let name = &req.name;
+        let waits = Instant::now() < deadline;
+        let attempt = |joins: bool| async move {
+            self.store
+                .fair_acquire(name, token, req.lease, joins, self.fair_alive)
+                .await
+                .map_err(|e| self.store_error("fair_acquire", e))
+        };
+        let mut holder_ttl = match attempt(waits).await? {
+            Attempt::Granted(g) => return Ok(Ok(g)),
+            Attempt::Busy { holder_ttl } if !waits => return Ok(Err(holder_ttl)),
+            Attempt::Busy { holder_ttl } => holder_ttl,
+            Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
+        };
+        // From here on we are in the queue: every way out must leave it.
+        let waiter_id = token.to_string();
+        let _queued = self.fair.join(name, &waiter_id);
+        metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+        tokio::pin!(gone);
+        let channel = self.store.keys(name).channel;
+        let outcome = async {
+            let interest = tokio::select! {
+                interest = self.waiters.watch(&channel) => interest,
+                () = sleep_until(deadline) => return Ok(Err(holder_ttl)),
+                () = &mut gone => return Err(LockError::Cancelled),
+                () = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
+            };
+            let ticket = interest.fair_ticket(&waiter_id);
+            loop {
+                match attempt(true).await? {
+                    Attempt::Granted(g) => return Ok(Ok(g)),
+                    Attempt::Busy { holder_ttl: ttl } => holder_ttl = ttl,
+                    Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(Err(holder_ttl));
+                }
+                // Woken by name when we are first in line for a free lock (by the release, a
+                // departing waiter, or the refresher); when the lock is held, also at the end
+                // of the holder's lease, in case it never releases.
+                let wake_at = if holder_ttl.is_zero() {
+                    deadline
+                } else {
+                    (now + holder_ttl + TTL_SLACK).min(deadline)
+                };
+                tokio::select! {
+                    () = ticket.notified() => {}
+                    () = sleep_until(wake_at) => {}
+                    () = &mut gone => return Err(LockError::Cancelled),
+                    () = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
+                }
+            }
+        }
+        .await;
+        let wait_outcome = match &outcome {
+            Ok(Ok(_)) => "granted",
+            Ok(Err(_)) => "timed_out",
+            Err(LockError::Cancelled) => "cancelled",
+            Err(LockError::ShuttingDown) => "shutting_down",
+            Err(_) => "error",
+        };
+        metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => wait_outcome).increment(1);
+        if !matches!(outcome, Ok(Ok(_)))
+            && let Err(error) = self.store.fair_leave(name, &waiter_id).await
+        {
+            debug!(lock = %name, %error, "could not leave the fair queue; the entry lapses unrefreshed");
+        }
         outcome
     }
 

@@ -41,9 +41,30 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
--- Frees a held lock but keeps its fence for `linger` ms, then tells waiters.
-local function free_lock(key, linger_ms, channel, why)
+-- Fair locks keep a queue, PREFIX:{name}:queue: a sorted set of waiter ids scored by join
+-- order. A queued waiter is alive while its entry in PREFIX:{name}:waiters (score: Redis ms at
+-- which it lapses) is in the future; its latchkey process refreshes it. Returns the first live
+-- waiter of the queue (or nil), removing the lapsed ones ahead of it.
+local function fair_head(queue_key, waiters_key, now_ms)
+  while true do
+    local head = redis.call('ZRANGE', queue_key, 0, 0)[1]
+    if not head then return nil end
+    local alive_until = tonumber(redis.call('ZSCORE', waiters_key, head))
+    if alive_until and alive_until > now_ms then return head end
+    redis.call('ZREM', queue_key, head)
+    redis.call('ZREM', waiters_key, head)
+  end
+end
+
+-- Frees a held lock but keeps its fence for `linger` ms, then tells waiters: the head of the
+-- fair queue by name ('w:' .. id, so only it wakes), or else anyone ('released' / 'forced').
+local function free_lock(key, waiters_key, queue_key, now_ms, linger_ms, channel, why)
   redis.call('HDEL', key, 'owner', 'holds', 'until')
   redis.call('PEXPIRE', key, linger_ms)
-  redis.call('PUBLISH', channel, why)
+  local head = fair_head(queue_key, waiters_key, now_ms)
+  if head then
+    redis.call('PUBLISH', channel, 'w:' .. head)
+  else
+    redis.call('PUBLISH', channel, why)
+  end
 end

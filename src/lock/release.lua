@@ -1,12 +1,14 @@
 -- release.lua: give back one hold; free the lock and notify waiters when none is left.
 --
 -- KEYS[1]  PREFIX:{name}:lock
+-- KEYS[2]  PREFIX:{name}:waiters
+-- KEYS[3]  PREFIX:{name}:queue     (fair waiters: the head is told by name)
 -- ARGV[1]  token
 -- ARGV[2]  linger in ms
 -- ARGV[3]  unlock channel, PREFIX:{name}:unlock
 --
 -- Returns
---   {1, 0}             the lock is free now; 'released' was published on the channel
+--   {1, 0}             the lock is free now; 'released' (or 'w:' .. the fair head) was published
 --   {0, holds_left}    still held by the same owner
 --   {-1} / {-2} / {-3} not held / held by another owner / expired; nothing changed
 
@@ -22,5 +24,5 @@ if holds > 1 then
   return {0, holds - 1}
 end
 
-free_lock(lock_key, linger_ms, channel, 'released')
+free_lock(lock_key, KEYS[2], KEYS[3], now_ms, linger_ms, channel, 'released')
 return {1, 0}

@@ -147,6 +147,8 @@ pub struct AcquireRequest {
     pub wait: WaitTimeout,
     /// Some: re-enter the hold this token owns (never waits).
     pub reenter: Option<Token>,
+    /// Grant in queue order (see `lock::fair`).
+    pub fair: bool,
 }
 
 fn show(d: Duration) -> String {

@@ -79,6 +79,8 @@ pub struct LockState {
 pub struct LockKeys {
     pub lock: String,
     pub waiters: String,
+    /// Fair waiters in join order.
+    pub queue: String,
     pub channel: String,
 }
 
@@ -87,6 +89,7 @@ impl LockKeys {
         Self {
             lock: format!("{prefix}:{{{name}}}:lock"),
             waiters: format!("{prefix}:{{{name}}}:waiters"),
+            queue: format!("{prefix}:{{{name}}}:queue"),
             channel: format!("{prefix}:{{{name}}}:unlock"),
         }
     }
@@ -114,6 +117,9 @@ pub struct LockStore {
     extend: Script,
     inspect: Script,
     force_release: Script,
+    fair_acquire: Script,
+    fair_refresh: Script,
+    fair_leave: Script,
 }
 
 /// The fred config shared by the command pool and the subscriber: reconnect forever with
@@ -153,6 +159,9 @@ impl LockStore {
             extend: lock_script!("extend.lua"),
             inspect: lock_script!("inspect.lua"),
             force_release: lock_script!("force_release.lua"),
+            fair_acquire: lock_script!("fair_acquire.lua"),
+            fair_refresh: lock_script!("fair_refresh.lua"),
+            fair_leave: lock_script!("fair_leave.lua"),
         })
     }
 
@@ -225,7 +234,7 @@ impl LockStore {
             .release
             .evalsha_with_reload(
                 self.pool.next(),
-                vec![keys.lock],
+                vec![keys.lock, keys.waiters, keys.queue],
                 vec![token.to_string(), self.linger_ms.to_string(), keys.channel],
             )
             .await?;
@@ -295,11 +304,88 @@ impl LockStore {
             .force_release
             .evalsha_with_reload(
                 self.pool.next(),
-                vec![keys.lock],
+                vec![keys.lock, keys.waiters, keys.queue],
                 vec![self.linger_ms.to_string(), keys.channel],
             )
             .await?;
         Ok(released == 1)
+    }
+
+    /// One fair acquire attempt: granted if the lock is free and the caller first in line.
+    /// `joins`: queue the caller (it waits) when not granted. `alive`: how long its queue entry
+    /// lives unless refreshed.
+    pub async fn fair_acquire(
+        &self,
+        name: &LockName,
+        token: Token,
+        lease: Lease,
+        joins: bool,
+        alive: Duration,
+    ) -> Result<Attempt, StoreError> {
+        let keys = self.keys(name);
+        let reply: Vec<i64> = self
+            .fair_acquire
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock, keys.waiters, keys.queue],
+                vec![
+                    token.to_string(),
+                    lease.millis().to_string(),
+                    self.linger_ms.to_string(),
+                    if joins { "1" } else { "0" }.to_owned(),
+                    millis(alive).to_string(),
+                ],
+            )
+            .await?;
+        match reply.as_slice() {
+            [1, fence, holds, lease_ms] => Ok(Attempt::Granted(Granted {
+                fence: to_u64(*fence),
+                holds: to_u32(*holds),
+                lease: Duration::from_millis(to_u64(*lease_ms)),
+            })),
+            [0, ttl_ms, _position] => Ok(Attempt::Busy {
+                holder_ttl: Duration::from_millis(to_u64(*ttl_ms)),
+            }),
+            _ => Err(StoreError::unexpected("fair_acquire", &reply)),
+        }
+    }
+
+    /// Keeps this process's queued waiters on `name` alive; returns the first live waiter if
+    /// the lock is free (whose turn it is).
+    pub async fn fair_refresh(
+        &self,
+        name: &LockName,
+        waiter_ids: &[String],
+        alive: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let keys = self.keys(name);
+        let mut args = Vec::with_capacity(waiter_ids.len() + 1);
+        args.push(millis(alive).to_string());
+        args.extend(waiter_ids.iter().cloned());
+        let head: Option<String> = self
+            .fair_refresh
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock, keys.waiters, keys.queue],
+                args,
+            )
+            .await?;
+        Ok(head)
+    }
+
+    /// Takes a fair waiter out of the queue (timed out, cancelled), telling the next in line
+    /// if the lock is free.
+    pub async fn fair_leave(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
+        let keys = self.keys(name);
+        let _: i64 = self
+            .fair_leave
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![keys.lock, keys.waiters, keys.queue],
+                vec![waiter_id.to_owned(), keys.channel],
+            )
+            .await?;
+        Ok(())
     }
 
     /// A round trip to Redis, for health checks.

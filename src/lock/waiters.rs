@@ -8,6 +8,7 @@
 //!   unlock published after its failed attempt always reaches it, unless Redis drops the message;
 //! - each unlock message wakes one local waiter, in arrival order; a woken waiter that goes
 //!   away before retrying passes the wake-up on (tokio's `Notify` semantics);
+//! - a message `w:ID` (fair locks) wakes only the fair waiter ID, in whichever process has it;
 //! - every message also wakes every local holder of the lock (Hold streams), so a ForceRelease
 //!   is noticed at once rather than at the next renewal;
 //! - after a reconnect (Redis restarted, data maybe lost) every local waiter and holder is woken
@@ -51,6 +52,9 @@ struct Entry {
 struct Channel {
     /// Waiters: each unlock message wakes one of them.
     wake: Notify,
+    /// Fair waiters by waiter id: a message `w:ID` wakes only that one (the head of the lock's
+    /// queue), whichever process it lives in. A std mutex, for the same reason as `channels`.
+    fair: Mutex<HashMap<String, Arc<Notify>>>,
     /// Holds (Hold streams) on this lock: every message wakes all of them to check at once
     /// that they still own the lock (a ForceRelease publishes too).
     check: Notify,
@@ -87,6 +91,7 @@ impl Waiters {
             let entry = channels.entry(channel.to_owned()).or_insert_with(|| {
                 let channel_state = Arc::new(Channel {
                     wake: Notify::new(),
+                    fair: Mutex::new(HashMap::new()),
                     check: Notify::new(),
                     settled: watch::Sender::new(false),
                 });
@@ -117,11 +122,18 @@ impl Waiters {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        // A panic while holding this lock leaves the map consistent (every critical section is
-        // a single insert/remove/increment), so poisoning carries no information.
-        self.channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_map(&self.channels)
+    }
+}
+
+impl Waiters {
+    /// Wakes the local fair waiter `waiter_id` on `channel`, if this process has it.
+    pub fn wake_fair(&self, channel: &str, waiter_id: &str) {
+        if let Some(entry) = self.inner.lock().get(channel)
+            && let Some(wake) = lock_map(&entry.channel.fair).get(waiter_id)
+        {
+            wake.notify_one();
+        }
     }
 }
 
@@ -144,6 +156,45 @@ impl Interest {
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.channel.check.notified()
     }
+}
+
+impl Interest {
+    /// Registers a fair waiter under `waiter_id` on this channel, so `w:ID` messages (and the
+    /// fair refresher) can wake it by name. A wake-up that arrives while the waiter is busy is
+    /// kept for its next wait (tokio `Notify` permit), so none is lost between attempts.
+    pub fn fair_ticket(&self, waiter_id: &str) -> FairTicket<'_> {
+        let wake = Arc::new(Notify::new());
+        lock_map(&self.channel.fair).insert(waiter_id.to_owned(), wake.clone());
+        FairTicket {
+            interest: self,
+            waiter_id: waiter_id.to_owned(),
+            wake,
+        }
+    }
+}
+
+/// A fair waiter's registration on its lock's channel; dropping it unregisters.
+pub struct FairTicket<'a> {
+    interest: &'a Interest,
+    waiter_id: String,
+    wake: Arc<Notify>,
+}
+
+impl FairTicket<'_> {
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
+    }
+}
+
+impl Drop for FairTicket<'_> {
+    fn drop(&mut self) {
+        lock_map(&self.interest.channel.fair).remove(&self.waiter_id);
+    }
+}
+
+fn lock_map<V>(map: &Mutex<HashMap<String, V>>) -> MutexGuard<'_, HashMap<String, V>> {
+    // Every critical section is one insert/remove/lookup: poisoning carries no information.
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Drop for Interest {
@@ -192,7 +243,16 @@ async fn dispatch(subscriber: SubscriberClient, hub: std::sync::Weak<Inner>) {
                 match message {
                     Ok(message) => {
                         if let Some(entry) = hub.lock().get(&*message.channel) {
-                            entry.channel.wake.notify_one();
+                            let text = message.value.as_str();
+                            match text.as_deref().and_then(|t| t.strip_prefix("w:")) {
+                                // The head of a fair queue, by name: nobody else is woken.
+                                Some(waiter_id) => {
+                                    if let Some(wake) = lock_map(&entry.channel.fair).get(waiter_id) {
+                                        wake.notify_one();
+                                    }
+                                }
+                                None => entry.channel.wake.notify_one(),
+                            }
                             entry.channel.check.notify_waiters();
                         }
                     }
@@ -220,5 +280,8 @@ fn wake_all(hub: &Inner) {
     for entry in hub.lock().values() {
         entry.channel.wake.notify_waiters();
         entry.channel.check.notify_waiters();
+        for wake in lock_map(&entry.channel.fair).values() {
+            wake.notify_one();
+        }
     }
 }

@@ -331,6 +331,7 @@ impl StockEngine {
                 lease: self.lease,
                 wait: WaitTimeout::default(),
                 reenter: None,
+                fair: self.config.stock_fair,
             };
             let failure = match self.locks.acquire(&request, deadline, &mut gone).await {
                 Ok(Acquired::Granted(grant)) => {
