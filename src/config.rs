@@ -167,6 +167,16 @@ pub struct StockConfig {
     #[arg(long, env = "LATCHKEY_STOCK_FAIR", default_value_t = true, action = clap::ArgAction::Set)]
     pub stock_fair: bool,
 
+    /// Group commit: ReduceStock orders for the same products waiting in this process are
+    /// applied under one lock hold and one transaction (each with its own outcome).
+    #[arg(long, env = "LATCHKEY_STOCK_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub stock_group_commit: bool,
+
+    /// Most orders in one group-commit transaction.
+    #[arg(long, env = "LATCHKEY_STOCK_MAX_BATCH", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub stock_max_batch: u32,
+
     /// Wait for product locks when a request leaves `wait_timeout` unset.
     #[arg(long, env = "LATCHKEY_STOCK_WAIT", default_value = "5s", value_parser = parse_duration)]
     pub stock_wait: Duration,

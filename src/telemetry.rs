@@ -14,6 +14,8 @@ pub const WAIT_OUTCOMES: &str = "latchkey_wait_outcomes_total";
 pub const LIVE_HOLDS: &str = "latchkey_live_holds";
 /// Counter of failed Redis calls; label `op`.
 pub const REDIS_ERRORS: &str = "latchkey_redis_errors_total";
+/// Histogram of ReduceStock orders per group-commit transaction.
+pub const STOCK_BATCH_SIZE: &str = "latchkey_stock_batch_size";
 /// Gauge, 1 while Redis answers the health check, 0 otherwise.
 pub const REDIS_UP: &str = "latchkey_redis_up";
 /// Gauge, 1 while the stock database answers the health check, 0 otherwise.

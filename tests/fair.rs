@@ -251,7 +251,12 @@ async fn fair_waiters_that_time_out_or_are_cancelled_leave_no_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_goes_to_the_first_ten_of_a_hundred_buyers_in_arrival_order() {
     let redis = RedisServer::start();
-    let server = Latchkey::start(&redis).await; // stock_fair is on by default
+    // stock_fair is on by default. Group commit is off here so that every order waits in the
+    // Redis queue on its own, where the test can see it arrive (with group commit, orders
+    // queue inside the process, in the same arrival order, behind one queued leader).
+    let mut config = test_config(&redis);
+    config.stock.stock_group_commit = false;
+    let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
     let mut locks = server.locks().await;
     stock

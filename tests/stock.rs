@@ -702,3 +702,41 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(kind: DbKind)
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_group_commit_each_order_has_its_own_transaction_and_the_count_still_holds() {
+    let redis = RedisServer::start();
+    let db = TestDb::new(DbKind::Sqlite).await;
+    let mut config = test_config(&redis);
+    config.stock.database_url = db.url.clone();
+    config.stock.stock_group_commit = false;
+    let server = Latchkey::start_with(config).await;
+    set(&mut server.stock().await, "solo", 20).await;
+    let mut buyers = Vec::new();
+    for buyer in 0..20 {
+        let mut client = server.stock().await;
+        buyers.push(tokio::spawn(async move {
+            let mut sold = 0;
+            for n in 0..3 {
+                let id = format!("solo-{buyer}-{n}");
+                match client
+                    .reduce_stock(order(&id, vec![item("solo", 1)], secs(120)))
+                    .await
+                {
+                    Ok(_) => sold += 1,
+                    Err(status) => {
+                        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}")
+                    }
+                }
+            }
+            sold
+        }));
+    }
+    let mut sold = 0;
+    for buyer in buyers {
+        sold += buyer.await.unwrap();
+    }
+    assert_eq!(sold, 20);
+    assert_eq!(level(&server.stock().await, "solo").await, 0);
+    assert_eq!(ledger(&db, "solo").await, (20, 20));
+}

@@ -94,6 +94,7 @@ fn acquired_response(acquired: Acquired) -> pb::AcquireResponse {
             lease: Some(to_proto(grant.lease)),
             hold_count: grant.holds,
             holder_ttl: None,
+            queued_at: grant.queued_at,
         },
         Acquired::TimedOut { holder_ttl } => pb::AcquireResponse {
             acquired: false,

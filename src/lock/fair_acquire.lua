@@ -10,7 +10,8 @@
 -- ARGV[5]  alive in ms: how long the entry lives unless its latchkey process refreshes it
 --
 -- Returns
---   {1, fence, 1, lease_ms}         granted: the lock was free and the caller first in line
+--   {1, fence, 1, lease_ms, queued_at}  granted: the lock was free and the caller first in
+--                                   line; queued_at is its join order (0: it never queued)
 --   {0, holder_ttl_ms, position}    not granted (holder_ttl_ms 0: free, but others are ahead);
 --                                   position is the 0-based place in the queue, -1 if not queued
 --
@@ -26,12 +27,13 @@ local _, _, fence, until_ms, live = read_lock(lock_key, now_ms)
 local head = fair_head(queue_key, waiters_key, now_ms)
 
 if not live and (head == nil or head == token) then
+  local queued_at = tonumber(redis.call('ZSCORE', queue_key, token)) or 0
   redis.call('ZREM', queue_key, token)
   redis.call('ZREM', waiters_key, token)
   fence = math.max(fence + 1, now_us)
   redis.call('HSET', lock_key, 'owner', token, 'holds', 1, 'fence', int(fence), 'until', int(now_ms + lease_ms))
   redis.call('PEXPIRE', lock_key, lease_ms + linger_ms)
-  return {1, fence, 1, lease_ms}
+  return {1, fence, 1, lease_ms, queued_at}
 end
 
 if joins then

@@ -45,6 +45,8 @@ pub struct Grant {
     pub fence: u64,
     pub lease: Duration,
     pub holds: u32,
+    /// Fair grants that queued: the Redis time (us) at which the caller joined the queue.
+    pub queued_at: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +77,7 @@ pub enum HoldEnd<T> {
     Lost(Lost),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LockError {
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -174,6 +176,7 @@ impl LockEngine {
                 fence: g.fence,
                 lease: g.lease,
                 holds: g.holds,
+                queued_at: g.queued_at,
             })
         };
         if req.fair && !reenter {

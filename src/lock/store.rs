@@ -47,6 +47,8 @@ pub struct Granted {
     pub fence: u64,
     pub holds: u32,
     pub lease: Duration,
+    /// Fair grants: when the caller joined the queue (Redis us); 0 when it never queued.
+    pub queued_at: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +207,7 @@ impl LockStore {
                 fence: to_u64(*fence),
                 holds: to_u32(*holds),
                 lease: Duration::from_millis(to_u64(*lease_ms)),
+                queued_at: 0,
             })),
             [0, ttl_ms] => Ok(Attempt::Busy {
                 holder_ttl: Duration::from_millis(to_u64(*ttl_ms)),
@@ -338,10 +341,11 @@ impl LockStore {
             )
             .await?;
         match reply.as_slice() {
-            [1, fence, holds, lease_ms] => Ok(Attempt::Granted(Granted {
+            [1, fence, holds, lease_ms, queued_at] => Ok(Attempt::Granted(Granted {
                 fence: to_u64(*fence),
                 holds: to_u32(*holds),
                 lease: Duration::from_millis(to_u64(*lease_ms)),
+                queued_at: to_u64(*queued_at),
             })),
             [0, ttl_ms, _position] => Ok(Attempt::Busy {
                 holder_ttl: Duration::from_millis(to_u64(*ttl_ms)),
@@ -396,7 +400,7 @@ impl LockStore {
 }
 
 /// Redis did not answer as expected.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Unreachable, timed out, or the connection dropped: the caller may retry.
     #[error("Redis is unavailable: {0}")]

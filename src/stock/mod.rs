@@ -15,8 +15,9 @@
 //! - **Once per order id.** A second ReduceStock with the same order id answers the original
 //!   result (`replayed`); a second RestoreStock changes nothing.
 //!
-//! Layout: `request` (typed, validated inputs), `store` (SQL).
+//! Layout: `request` (typed, validated inputs), `store` (SQL), `group` (group commit).
 
+mod group;
 pub mod request;
 pub mod store;
 
@@ -54,7 +55,7 @@ pub struct Applied {
     pub replayed: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StockError {
     #[error("product {0} does not exist")]
     UnknownProduct(ProductId),
@@ -111,6 +112,8 @@ pub struct StockEngine {
     lock_limits: LockConfig,
     /// The lease of product locks, validated once against the lock limits.
     lease: Lease,
+    /// ReduceStock orders waiting for their batch (group commit).
+    groups: group::Groups,
 }
 
 impl StockEngine {
@@ -127,6 +130,7 @@ impl StockEngine {
             config,
             lock_limits,
             lease,
+            groups: group::Groups::default(),
         })
     }
 
@@ -173,6 +177,9 @@ impl StockEngine {
         deadline: Instant,
         gone: impl Future<Output = ()>,
     ) -> Result<Applied, StockError> {
+        if self.config.stock_group_commit {
+            return self.reduce_grouped(order, deadline, gone).await;
+        }
         let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
         let held = self.lock_all(&products, deadline, gone).await?;
         let result = self.reduce_locked(order, &held).await;

@@ -84,6 +84,11 @@ impl OrderId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// For values read back from the database, which only ever stores validated ids.
+    pub(crate) fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
 }
 
 impl fmt::Display for OrderId {

@@ -9,6 +9,8 @@
 //! - SQLite transactions start with `BEGIN IMMEDIATE`, so a transaction that read a value can
 //!   always write it (no SQLITE_BUSY_SNAPSHOT upgrade failures).
 
+use std::collections::HashMap;
+
 use sqlx::{
     Any, AnyPool, Executor, Row, Transaction,
     any::{AnyPoolOptions, install_default_drivers},
@@ -25,11 +27,14 @@ pub enum Backend {
 
 pub type Tx = Transaction<'static, Any>;
 
+/// One item as recorded with its order: product, quantity, stock left right after the order.
+pub type RecordedItem = (ProductId, Units, Units);
+
 /// An order as stored.
 #[derive(Debug, Clone)]
 pub struct StoredOrder {
-    /// (product, quantity, stock left right after the order), sorted by product id.
-    pub items: Vec<(ProductId, Units, Units)>,
+    /// Sorted by product id.
+    pub items: Vec<RecordedItem>,
     pub restored: bool,
 }
 
@@ -178,6 +183,99 @@ pub async fn find_order(tx: &mut Tx, id: &OrderId) -> Result<Option<StoredOrder>
     Ok(Some(StoredOrder { items, restored }))
 }
 
+/// The stored orders among `ids`, read inside `tx` (one query).
+pub async fn find_orders(
+    tx: &mut Tx,
+    ids: &[&OrderId],
+) -> Result<HashMap<OrderId, StoredOrder>, DbError> {
+    let mut found: HashMap<OrderId, StoredOrder> = HashMap::new();
+    for chunk in ids.chunks(PARAMS_PER_STATEMENT) {
+        let placeholders = (1..=chunk.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT o.id, o.restored_ms, i.product_id, i.quantity, i.remaining \
+             FROM orders o JOIN order_items i ON i.order_id = o.id WHERE o.id IN ({placeholders})"
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.as_str());
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let id = OrderId::from_stored(row.try_get(0)?);
+            let order = found.entry(id).or_insert_with(|| StoredOrder {
+                items: Vec::new(),
+                restored: false,
+            });
+            order.restored |= row.try_get::<Option<i64>, _>(1)?.is_some();
+            order.items.push((
+                ProductId::from_stored(row.try_get(2)?),
+                Units::from_stored(row.try_get(3)?),
+                Units::from_stored(row.try_get(4)?),
+            ));
+        }
+    }
+    for order in found.values_mut() {
+        order.items.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    Ok(found)
+}
+
+/// Records many applied orders with few statements (multi-row INSERTs).
+pub async fn insert_orders(
+    tx: &mut Tx,
+    orders: &[(&OrderId, Vec<RecordedItem>)],
+    now_ms: i64,
+) -> Result<(), DbError> {
+    for chunk in orders.chunks(PARAMS_PER_STATEMENT / 2) {
+        let values = (0..chunk.len())
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("INSERT INTO orders (id, created_ms) VALUES {values}");
+        let mut query = sqlx::query(&sql);
+        for (id, _) in chunk {
+            query = query.bind(id.as_str()).bind(now_ms);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    let items: Vec<(&OrderId, &RecordedItem)> = orders
+        .iter()
+        .flat_map(|(id, items)| items.iter().map(move |item| (*id, item)))
+        .collect();
+    for chunk in items.chunks(PARAMS_PER_STATEMENT / 4) {
+        let values = (0..chunk.len())
+            .map(|i| {
+                format!(
+                    "(${}, ${}, ${}, ${})",
+                    4 * i + 1,
+                    4 * i + 2,
+                    4 * i + 3,
+                    4 * i + 4
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO order_items (order_id, product_id, quantity, remaining) VALUES {values}"
+        );
+        let mut query = sqlx::query(&sql);
+        for (id, (product, quantity, remaining)) in chunk {
+            query = query
+                .bind(id.as_str())
+                .bind(product.as_str())
+                .bind(quantity.get())
+                .bind(remaining.get());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Bind parameters per statement: well inside SQLite's (32766) and PostgreSQL's (65535) limits.
+const PARAMS_PER_STATEMENT: usize = 4000;
+
 /// A product's stock, read inside `tx`. None when the product does not exist.
 pub async fn stock_in(tx: &mut Tx, product: &ProductId) -> Result<Option<Units>, DbError> {
     let stock: Option<i64> = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
@@ -252,7 +350,7 @@ pub async fn set_stock(
 pub async fn insert_order(
     tx: &mut Tx,
     id: &OrderId,
-    items: &[(ProductId, Units, Units)],
+    items: &[RecordedItem],
     now_ms: i64,
 ) -> Result<(), DbError> {
     sqlx::query("INSERT INTO orders (id, created_ms) VALUES ($1, $2)")
@@ -289,7 +387,7 @@ fn fence_sql(fence: u64) -> i64 {
 }
 
 /// The database did not do what was asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DbError {
     /// Unreachable, timed out, or locked for longer than the database timeout.
     #[error("the database is unavailable: {0}")]

@@ -2,113 +2,19 @@
 //! kill, freeze and restart), and latchkey itself on port 0, in process or as a child process.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+mod redis;
+
+pub use redis::{RedisServer, free_port};
+
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use fred::{interfaces::ClientLike, prelude::*};
 use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the OS hands out a free loopback port")
-}
-
-/// A private redis-server without persistence, killed when dropped.
-pub struct RedisServer {
-    pub port: u16,
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir for redis");
-        let mut server = Self {
-            port: free_port(),
-            child: None,
-            dir,
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (the test command installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers_ping() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not start",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn answers_ping(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut reply = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("redis is running").id()
-    }
-
-    /// `kill -9`: Redis dies at once, and with persistence off, its data is gone.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts a fresh, empty redis-server on the same port.
-    pub fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
-    }
-
-    /// A plain client for looking behind latchkey's back.
-    pub async fn client(&self) -> Client {
-        let client = Client::new(Config::from_url(&self.url()).unwrap(), None, None, None);
-        client.init().await.expect("connect to the test redis");
-        client
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// Which stock database a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

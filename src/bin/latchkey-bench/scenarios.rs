@@ -1,0 +1,734 @@
+//! The benchmark scenarios. Each drives real gRPC clients (one connection each) against a
+//! latchkey process over loopback, measures, and checks what must hold.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use fred::{
+    interfaces::{ClientLike, KeysInterface, LuaInterface},
+    prelude::Client,
+    types::{Expiration, SetOptions},
+};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use latchkey::{
+    config::Config,
+    grpc::pb::{
+        self, lock_service_client::LockServiceClient, stock_service_client::StockServiceClient,
+    },
+    lock::{
+        AcquireRequest, Acquired, Lease, LockEngine, LockName, WaitTimeout, store::LockStore,
+        waiters::Waiters,
+    },
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::report::{Row, histogram, record};
+
+pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?)
+}
+
+fn proto(d: Duration) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+fn acquire(name: &str, lease: Duration, wait: Duration, fair: bool) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        name: name.into(),
+        lease: proto(lease),
+        wait_timeout: proto(wait),
+        token: String::new(),
+        fair,
+    }
+}
+
+/// A progress bar that fills with elapsed time.
+fn timed_bar(label: &str, duration: Duration) -> ProgressBar {
+    let bar = ProgressBar::new(duration.as_millis() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>24} [{bar:40}] {elapsed_precise} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    let ticker = bar.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        while !ticker.is_finished() {
+            ticker.set_position(started.elapsed().as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    bar
+}
+
+fn counted_bar(label: &str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>24} [{bar:40}] {pos}/{len} {elapsed_precise}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+/// Per-client latencies and counters, merged at the end.
+struct Tally {
+    hist: Histogram<u64>,
+    ops: u64,
+    errors: Vec<String>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            hist: histogram(),
+            ops: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        let _ = self.hist.add(&other.hist);
+        self.ops += other.ops;
+        self.errors.extend(other.errors.into_iter().take(3));
+    }
+}
+
+/// 64 clients, 64 names, Acquire+Release pairs over gRPC.
+pub async fn uncontended(addr: &str, duration: Duration) -> anyhow::Result<Row> {
+    const CLIENTS: usize = 64;
+    let bar = timed_bar("uncontended", duration);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = JoinSet::new();
+    for c in 0..CLIENTS {
+        let mut client = LockServiceClient::new(connect(addr).await?);
+        let name = format!("bench/uncontended/{c}");
+        tasks.spawn(async move {
+            let mut tally = Tally::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let grant = client
+                    .acquire(acquire(
+                        &name,
+                        Duration::from_secs(30),
+                        Duration::ZERO,
+                        false,
+                    ))
+                    .await;
+                let grant = match grant {
+                    Ok(g) if g.get_ref().acquired => g.into_inner(),
+                    other => {
+                        tally.errors.push(format!("acquire: {other:?}"));
+                        continue;
+                    }
+                };
+                let released = client
+                    .release(pb::ReleaseRequest {
+                        name: name.clone(),
+                        token: grant.token,
+                    })
+                    .await;
+                if !matches!(&released, Ok(r) if r.get_ref().released) {
+                    tally.errors.push(format!("release: {released:?}"));
+                }
+                record(&mut tally.hist, t.elapsed());
+                tally.ops += 1;
+            }
+            tally
+        });
+    }
+    let mut total = Tally::new();
+    while let Some(tally) = tasks.join_next().await {
+        total.merge(tally?);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let p99 = total.hist.value_at_quantile(0.99) as f64 / 1000.0;
+    let throughput = total.ops as f64 / elapsed.as_secs_f64();
+    Ok(Row::new("uncontended", "gRPC, 64 clients / 64 names")
+        .throughput(total.ops, elapsed, "pairs/s")
+        .latency(&total.hist)
+        .check(
+            total.errors.is_empty(),
+            format!(
+                "every acquire granted, every release freed ({} errors)",
+                total.errors.len()
+            ),
+        )
+        .target(
+            ">= 20000 pairs/s, p99 <= 5 ms",
+            throughput >= 20_000.0 && p99 <= 5.0,
+        ))
+}
+
+/// The floor: the same scripts through the lock engine in this process, no gRPC.
+pub async fn uncontended_floor(redis_url: &str, duration: Duration) -> anyhow::Result<Row> {
+    const CLIENTS: usize = 64;
+    let config = Config::for_redis("127.0.0.1:0".parse()?, redis_url);
+    let store = LockStore::connect(&config.redis, &config.locks)?;
+    let waiters = Waiters::start(
+        latchkey::lock::store::fred_builder(&config.redis)?.build_subscriber_client()?,
+    );
+    let stop = CancellationToken::new();
+    let engine = LockEngine::start(
+        store,
+        waiters,
+        stop.clone(),
+        config.locks.fair_waiter_timeout,
+    );
+    engine.store().ping().await?;
+    let lease = Lease::parse(Some(Duration::from_secs(30)), &config.locks)?;
+    let bar = timed_bar("uncontended (floor)", duration);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = JoinSet::new();
+    for c in 0..CLIENTS {
+        let engine = engine.clone();
+        let name = LockName::parse(format!("bench/floor/{c}"), &config.locks)?;
+        tasks.spawn(async move {
+            let mut tally = Tally::new();
+            let request = AcquireRequest {
+                name: name.clone(),
+                lease,
+                wait: WaitTimeout::default(),
+                reenter: None,
+                fair: false,
+            };
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match engine
+                    .acquire(
+                        &request,
+                        tokio::time::Instant::now(),
+                        std::future::pending(),
+                    )
+                    .await
+                {
+                    Ok(Acquired::Granted(grant)) => {
+                        if let Err(e) = engine.release(&name, grant.token).await {
+                            tally.errors.push(e.to_string());
+                        }
+                    }
+                    other => tally.errors.push(format!("{other:?}")),
+                }
+                record(&mut tally.hist, t.elapsed());
+                tally.ops += 1;
+            }
+            tally
+        });
+    }
+    let mut total = Tally::new();
+    while let Some(tally) = tasks.join_next().await {
+        total.merge(tally?);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    stop.cancel();
+    Ok(Row::new("uncontended", "baseline: scripts, no gRPC")
+        .throughput(total.ops, elapsed, "pairs/s")
+        .latency(&total.hist)
+        .check(
+            total.errors.is_empty(),
+            format!("every acquire granted ({} errors)", total.errors.len()),
+        ))
+}
+
+/// Grant log of a hot lock: (client, queued_at), in grant order.
+type Grants = Arc<Mutex<Vec<(usize, u64)>>>;
+
+fn hot_lock_figures(
+    row: Row,
+    grants: &[(usize, u64)],
+    clients: usize,
+    elapsed: Duration,
+) -> (Row, f64, f64) {
+    let handoffs = grants.windows(2).filter(|w| w[0].0 != w[1].0).count() as u64;
+    let mut per_client = vec![0u64; clients];
+    for (c, _) in grants {
+        per_client[*c] += 1;
+    }
+    let most = per_client.iter().copied().max().unwrap_or(0);
+    let fewest = per_client.iter().copied().min().unwrap_or(0);
+    let spread = if fewest == 0 {
+        f64::INFINITY
+    } else {
+        most as f64 / fewest as f64
+    };
+    let handoffs_per_s = handoffs as f64 / elapsed.as_secs_f64();
+    let row = row
+        .detail(
+            "grants/s",
+            format!("{:.0}", grants.len() as f64 / elapsed.as_secs_f64()),
+        )
+        .detail("hand-offs/s", format!("{handoffs_per_s:.0}"))
+        .detail(
+            "spread (most/fewest)",
+            format!("{spread:.2} ({most}/{fewest})"),
+        );
+    (row, handoffs_per_s, spread)
+}
+
+/// Grants that went out while a waiter that had joined the queue earlier was still waiting.
+fn out_of_order(grants: &[(usize, u64)]) -> usize {
+    let mut later_min = u64::MAX;
+    let mut count = 0;
+    for (_, queued_at) in grants.iter().rev() {
+        if *queued_at == 0 {
+            continue;
+        }
+        if later_min < *queued_at {
+            count += 1;
+        }
+        later_min = later_min.min(*queued_at);
+    }
+    count
+}
+
+/// 64 clients on one name: Acquire (waiting) + Release, fair or not.
+pub async fn hot_lock(addr: &str, duration: Duration, fair: bool) -> anyhow::Result<(Row, f64)> {
+    const CLIENTS: usize = 64;
+    let label = if fair {
+        "hot-lock (fair)"
+    } else {
+        "hot-lock (non-fair)"
+    };
+    let name = if fair {
+        "bench/hot/fair"
+    } else {
+        "bench/hot/plain"
+    };
+    let bar = timed_bar(label, duration);
+    let grants: Grants = Arc::default();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = JoinSet::new();
+    for c in 0..CLIENTS {
+        let mut client = LockServiceClient::new(connect(addr).await?);
+        let grants = grants.clone();
+        tasks.spawn(async move {
+            let mut tally = Tally::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let grant = client
+                    .acquire(acquire(
+                        name,
+                        Duration::from_secs(5),
+                        Duration::from_secs(30),
+                        fair,
+                    ))
+                    .await;
+                let grant = match grant {
+                    Ok(g) if g.get_ref().acquired => g.into_inner(),
+                    other => {
+                        tally.errors.push(format!("acquire: {other:?}"));
+                        continue;
+                    }
+                };
+                record(&mut tally.hist, t.elapsed());
+                // Logged while holding the lock: the log's order is the grant order.
+                grants.lock().expect("grant log").push((c, grant.queued_at));
+                tally.ops += 1;
+                let released = client
+                    .release(pb::ReleaseRequest {
+                        name: name.into(),
+                        token: grant.token,
+                    })
+                    .await;
+                if !matches!(&released, Ok(r) if r.get_ref().released) {
+                    tally.errors.push(format!("release: {released:?}"));
+                }
+            }
+            tally
+        });
+    }
+    let mut total = Tally::new();
+    while let Some(tally) = tasks.join_next().await {
+        total.merge(tally?);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let grants = grants.lock().expect("grant log").clone();
+    let variant = if fair {
+        "gRPC, fair, 64 clients / 1 name"
+    } else {
+        "gRPC, non-fair, 64 clients / 1 name"
+    };
+    let row = Row::new("hot-lock", variant)
+        .throughput(total.ops, elapsed, "grants/s")
+        .latency(&total.hist);
+    let (mut row, handoffs, spread) = hot_lock_figures(row, &grants, CLIENTS, elapsed);
+    let p99 = total.hist.value_at_quantile(0.99) as f64 / 1000.0;
+    if fair {
+        let late = out_of_order(&grants);
+        row = row
+            .detail("out-of-order grants", late)
+            .check(
+                total.errors.is_empty() && late == 0,
+                format!("0 out-of-order grants, {} errors", total.errors.len()),
+            )
+            .target(
+                ">= 3000 hand-offs/s, spread <= 1.1, 0 out of order",
+                handoffs >= 3000.0 && spread <= 1.1 && late == 0,
+            );
+    } else {
+        row = row
+            .check(
+                total.errors.is_empty(),
+                format!("every wait granted ({} errors)", total.errors.len()),
+            )
+            .target(
+                ">= 5000 hand-offs/s, spread <= 2",
+                handoffs >= 5000.0 && spread <= 2.0,
+            );
+    }
+    Ok((row, p99))
+}
+
+/// The polling baseline: SET NX PX, retry every 10 ms, what many Redis lock libraries do.
+pub async fn hot_lock_polling(redis_url: &str, duration: Duration) -> anyhow::Result<(Row, f64)> {
+    const CLIENTS: usize = 64;
+    let client = Client::new(
+        fred::types::config::Config::from_url(redis_url)?,
+        None,
+        None,
+        None,
+    );
+    client.init().await?;
+    let bar = timed_bar("hot-lock (polling)", duration);
+    let grants: Grants = Arc::default();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = JoinSet::new();
+    for c in 0..CLIENTS {
+        let client = client.clone();
+        let grants = grants.clone();
+        tasks.spawn(async move {
+            let mut tally = Tally::new();
+            let token = format!("client-{c}");
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                loop {
+                    let set: Result<Option<String>, _> = client
+                        .set("bench:polling", token.as_str(), Some(Expiration::PX(5000)), Some(SetOptions::NX), false)
+                        .await;
+                    match set {
+                        Ok(Some(_)) => break,
+                        Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        Err(e) => {
+                            tally.errors.push(e.to_string());
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+                record(&mut tally.hist, t.elapsed());
+                grants.lock().expect("grant log").push((c, 0));
+                tally.ops += 1;
+                let del: Result<i64, _> = client
+                    .eval(
+                        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                        "bench:polling",
+                        token.as_str(),
+                    )
+                    .await;
+                if !matches!(del, Ok(1)) {
+                    tally.errors.push(format!("release: {del:?}"));
+                }
+            }
+            tally
+        });
+    }
+    let mut total = Tally::new();
+    while let Some(tally) = tasks.join_next().await {
+        total.merge(tally?);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let grants = grants.lock().expect("grant log").clone();
+    let row = Row::new("hot-lock", "baseline: SET NX + 10 ms polling")
+        .throughput(total.ops, elapsed, "grants/s")
+        .latency(&total.hist);
+    let (row, _, _) = hot_lock_figures(row, &grants, CLIENTS, elapsed);
+    let p99 = total.hist.value_at_quantile(0.99) as f64 / 1000.0;
+    Ok((
+        row.check(
+            total.errors.is_empty(),
+            format!("{} errors", total.errors.len()),
+        ),
+        p99,
+    ))
+}
+
+/// 10,000 ReduceStock requests from 100 clients on one product.
+pub async fn reduce_stock(
+    addr: &str,
+    database: &str,
+    stock: u64,
+    requests: u64,
+    run: &str,
+) -> anyhow::Result<Row> {
+    const CLIENTS: u64 = 100;
+    let product = format!("bench-{run}-{stock}");
+    let mut admin = StockServiceClient::new(connect(addr).await?);
+    admin
+        .set_stock(pb::SetStockRequest {
+            product_id: product.clone(),
+            stock,
+        })
+        .await?;
+    let bar = counted_bar(&format!("reduce-stock ({database}, {stock})"), requests);
+    let sold = Arc::new(Mutex::new(0u64));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for c in 0..CLIENTS {
+        let mut client = StockServiceClient::new(connect(addr).await?);
+        let (product, bar, sold) = (product.clone(), bar.clone(), sold.clone());
+        tasks.spawn(async move {
+            let mut tally = Tally::new();
+            for n in 0..requests / CLIENTS {
+                let order = pb::ReduceStockRequest {
+                    order_id: format!("{product}-{c}-{n}"),
+                    items: vec![pb::StockItem {
+                        product_id: product.clone(),
+                        quantity: 1,
+                    }],
+                    wait_timeout: proto(Duration::from_secs(60)),
+                };
+                let t = Instant::now();
+                match client.reduce_stock(order).await {
+                    Ok(_) => *sold.lock().expect("sold") += 1,
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
+                    Err(status) => tally.errors.push(format!("{status:?}")),
+                }
+                record(&mut tally.hist, t.elapsed());
+                tally.ops += 1;
+                bar.inc(1);
+            }
+            tally
+        });
+    }
+    let mut total = Tally::new();
+    while let Some(tally) = tasks.join_next().await {
+        total.merge(tally?);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let sold = *sold.lock().expect("sold");
+    let left = admin
+        .get_stock(pb::GetStockRequest {
+            product_id: product,
+        })
+        .await?
+        .into_inner()
+        .level
+        .map_or(0, |l| l.stock);
+    let oversold = sold.saturating_sub(stock);
+    let accounted = stock.checked_sub(sold) == Some(left);
+    let expected = stock.min(requests);
+    let throughput = total.ops as f64 / elapsed.as_secs_f64();
+    let row = Row::new(
+        "reduce-stock",
+        &format!("{database}, stock {stock}, 100 clients"),
+    )
+    .throughput(total.ops, elapsed, "orders/s")
+    .latency(&total.hist)
+    .detail("sold", sold)
+    .detail("oversold units", oversold)
+    .check(
+        oversold == 0 && accounted && sold == expected && total.errors.is_empty(),
+        format!(
+            "sold {sold} of {expected}, {left} left, 0 oversold, {} errors",
+            total.errors.len()
+        ),
+    );
+    Ok(if stock >= requests {
+        let goal = if database == "SQLite" { 5000.0 } else { 2000.0 };
+        row.target(
+            &format!(">= {goal:.0} orders/s, 0 oversold"),
+            throughput >= goal && oversold == 0,
+        )
+    } else {
+        row
+    })
+}
+
+/// Memory: bytes per held lock in Redis, and latchkey's RSS with 10,000 waiters on 1,000 names.
+pub async fn memory(addr: &str, redis: &Client, latchkey_pid: u32) -> anyhow::Result<Vec<Row>> {
+    let used = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    redis.flushall::<()>(false).await?;
+    let before = used(redis.info(Some(fred::types::InfoKind::Memory)).await?);
+    const LOCKS: u64 = 100_000;
+    let bar = counted_bar("memory: 100k locks", LOCKS);
+    let mut tasks = JoinSet::new();
+    for c in 0..64u64 {
+        let mut client = LockServiceClient::new(connect(addr).await?);
+        let bar = bar.clone();
+        tasks.spawn(async move {
+            let mut failed = 0u64;
+            for i in (c..LOCKS).step_by(64) {
+                let name = format!("bench/memory/{i:06}");
+                match client
+                    .acquire(acquire(
+                        &name,
+                        Duration::from_secs(600),
+                        Duration::ZERO,
+                        false,
+                    ))
+                    .await
+                {
+                    Ok(g) if g.get_ref().acquired => {}
+                    _ => failed += 1,
+                }
+                bar.inc(1);
+            }
+            failed
+        });
+    }
+    let mut failed = 0;
+    while let Some(f) = tasks.join_next().await {
+        failed += f?;
+    }
+    bar.finish_and_clear();
+    let after = used(redis.info(Some(fred::types::InfoKind::Memory)).await?);
+    let per_lock = after.saturating_sub(before) as f64 / LOCKS as f64;
+    let mut rows = vec![
+        Row::new("memory", "100,000 held locks (Redis used_memory delta)")
+            .detail("bytes per lock", format!("{per_lock:.0}"))
+            .check(failed == 0, format!("{failed} acquires failed"))
+            .target("<= 250 bytes per lock", per_lock <= 250.0),
+    ];
+    redis.flushall::<()>(false).await?;
+
+    // 10,000 callers waiting on 1,000 held names.
+    const NAMES: usize = 1_000;
+    const WAITERS: usize = 10_000;
+    let rss_idle = rss_kib(latchkey_pid);
+    let mut admin = LockServiceClient::new(connect(addr).await?);
+    for i in 0..NAMES {
+        admin
+            .acquire(acquire(
+                &format!("bench/wait/{i:04}"),
+                Duration::from_secs(600),
+                Duration::ZERO,
+                false,
+            ))
+            .await?;
+    }
+    let bar = counted_bar("memory: 10k waiters", WAITERS as u64);
+    let mut channels = Vec::new();
+    for _ in 0..100 {
+        channels.push(connect(addr).await?);
+    }
+    let mut waiting = JoinSet::new();
+    for w in 0..WAITERS {
+        let mut client = LockServiceClient::new(channels[w % channels.len()].clone());
+        waiting.spawn(async move {
+            let _ = client
+                .acquire(acquire(
+                    &format!("bench/wait/{:04}", w % NAMES),
+                    Duration::from_secs(60),
+                    Duration::from_secs(120),
+                    false,
+                ))
+                .await;
+        });
+    }
+    // All registered: every name reports its 10 waiters.
+    let settle = Instant::now() + Duration::from_secs(60);
+    let mut counted = 0;
+    while Instant::now() < settle {
+        counted = 0;
+        for i in (0..NAMES).step_by(10) {
+            let state = admin
+                .inspect(pb::InspectRequest {
+                    name: format!("bench/wait/{i:04}"),
+                })
+                .await?
+                .into_inner();
+            counted += state.waiters as usize;
+        }
+        bar.set_position((counted * 10) as u64);
+        if counted * 10 >= WAITERS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+    let rss_waiting = rss_kib(latchkey_pid);
+    let clients: String = redis.custom(fred::cmd!("CLIENT"), vec!["LIST"]).await?;
+    let subscribers = clients.lines().filter(|l| l.contains("flags=P")).count();
+    waiting.abort_all();
+    redis.flushall::<()>(false).await?;
+    let rss_mb = rss_waiting as f64 / 1024.0;
+    rows.push(
+        Row::new("memory", "10,000 waiters on 1,000 names (latchkey RSS)")
+            .detail("RSS idle MiB", format!("{:.1}", rss_idle as f64 / 1024.0))
+            .detail("RSS waiting MiB", format!("{rss_mb:.1}"))
+            .detail("subscriber connections", subscribers)
+            .check(
+                counted * 10 >= WAITERS && subscribers == 1,
+                format!(
+                    "{} waiters registered (sampled), {subscribers} subscriber connection(s)",
+                    counted * 10
+                ),
+            )
+            .target(
+                "< 200 MB RSS on one subscriber connection",
+                rss_mb < 200.0 && subscribers == 1,
+            ),
+    );
+    Ok(rows)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
+            })
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The grant log helpers are pure; keep them honest.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_ahead_of_an_earlier_joiner_is_out_of_order() {
+        assert_eq!(out_of_order(&[(0, 0), (1, 10), (2, 20), (3, 30)]), 0);
+        assert_eq!(out_of_order(&[(0, 10), (1, 30), (2, 20)]), 1);
+        assert_eq!(out_of_order(&[(0, 30), (1, 20), (2, 10)]), 2);
+    }
+
+    #[test]
+    fn spread_compares_the_busiest_and_the_idlest_client() {
+        let grants: Vec<(usize, u64)> = vec![(0, 0), (1, 0), (0, 0), (1, 0), (0, 0)];
+        let (row, handoffs, spread) =
+            hot_lock_figures(Row::new("t", "t"), &grants, 2, Duration::from_secs(1));
+        assert_eq!(handoffs, 4.0);
+        assert_eq!(spread, 1.5);
+        assert!(row.details.iter().any(|(k, _)| k == "hand-offs/s"));
+    }
+}

@@ -1,0 +1,318 @@
+//! Group commit for ReduceStock: orders for the same products that wait in this process are
+//! served under one lock hold and one transaction, in arrival order, each keeping its own
+//! all-or-nothing outcome and its own answer.
+//!
+//! The first order to arrive for a set of products becomes the *leader*: it takes the product
+//! locks (the lock still comes before the transaction), then drains every order that queued
+//! for the same products meanwhile, applies them in one transaction, commits, releases the
+//! locks, and answers each. Orders that arrived during that transaction form the next batch,
+//! under a fresh lock hold. An order whose caller went away before the batch started is not
+//! applied; one whose deadline passed while the leader waited for the locks gets ABORTED.
+//!
+//! Inside the transaction each order is decided in memory against the stock read at the start
+//! (minus the orders before it): enough of every item, or nothing at all. Then each product is
+//! written once (fenced, `stock >= taken`) and the orders are inserted with multi-row INSERTs,
+//! so a batch costs a handful of statements whatever its size.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Mutex,
+};
+
+use tokio::{sync::oneshot, time::Instant};
+
+use super::{
+    Applied, DbError, Held, Order, OrderId, Product, ProductId, Shortage, StockEngine, StockError,
+    Units, store,
+};
+
+type Answer = oneshot::Sender<Result<Applied, StockError>>;
+
+struct Pending {
+    order: Order,
+    deadline: Instant,
+    answer: Answer,
+}
+
+/// Orders waiting for their batch, by the product set they lock. A key is present while a
+/// leader is serving it.
+#[derive(Default)]
+pub(super) struct Groups {
+    /// A std mutex: held to push or drain a queue, never across an await.
+    queues: Mutex<HashMap<Vec<ProductId>, VecDeque<Pending>>>,
+}
+
+impl Groups {
+    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<ProductId>, VecDeque<Pending>>> {
+        // Each critical section is one push or drain: poisoning carries no information.
+        self.queues
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl StockEngine {
+    /// ReduceStock through group commit.
+    pub(super) async fn reduce_grouped(
+        &self,
+        order: &Order,
+        deadline: Instant,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<Applied, StockError> {
+        let key: Vec<ProductId> = order.items.iter().map(|(p, _)| p.id.clone()).collect();
+        let (answer, answered) = oneshot::channel();
+        let pending = Pending {
+            order: order.clone(),
+            deadline,
+            answer,
+        };
+        let leads = {
+            let mut queues = self.groups.queues();
+            match queues.get_mut(&key) {
+                Some(queue) => {
+                    queue.push_back(pending);
+                    false
+                }
+                None => {
+                    queues.insert(key.clone(), VecDeque::from([pending]));
+                    true
+                }
+            }
+        };
+        let lost = || {
+            Err(StockError::Db(DbError::Other(
+                "the order's batch ended without an answer".into(),
+            )))
+        };
+        if leads {
+            // The leader serves the batch to the end, even if its own caller went away (its
+            // order may then be applied; a retry with the same order_id tells).
+            let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
+            self.lead(&key, &products).await;
+            return answered.await.unwrap_or_else(|_| lost());
+        }
+        // A follower whose caller goes away drops its answer channel: the leader then skips
+        // the order unless its batch already started.
+        tokio::select! {
+            result = answered => result.unwrap_or_else(|_| lost()),
+            () = gone => Err(StockError::Lock(crate::lock::LockError::Cancelled)),
+        }
+    }
+
+    /// Serves batches for `key` until its queue is empty.
+    async fn lead(&self, key: &[ProductId], products: &[Product]) {
+        loop {
+            let batch: Vec<Pending> = {
+                let mut queues = self.groups.queues();
+                let Some(queue) = queues.get_mut(key) else {
+                    return;
+                };
+                let take = queue.len().min(self.config.stock_max_batch as usize);
+                if take == 0 {
+                    queues.remove(key);
+                    return;
+                }
+                queue.drain(..take).collect()
+            };
+            metrics::histogram!(crate::telemetry::STOCK_BATCH_SIZE).record(batch.len() as f64);
+            let wait_until = batch
+                .iter()
+                .map(|p| p.deadline)
+                .max()
+                .unwrap_or_else(Instant::now);
+            let held = match self
+                .lock_all(products, wait_until, std::future::pending())
+                .await
+            {
+                Ok(held) => held,
+                Err(error) => {
+                    for pending in batch {
+                        let _ = pending.answer.send(Err(error.clone()));
+                    }
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let mut live = Vec::with_capacity(batch.len());
+            for pending in batch {
+                if pending.answer.is_closed() {
+                    continue; // the caller went away: not applied
+                }
+                if pending.deadline < now {
+                    let _ = pending
+                        .answer
+                        .send(Err(StockError::LockTimeout(key[0].clone())));
+                    continue;
+                }
+                live.push(pending);
+            }
+            let orders: Vec<&Order> = live.iter().map(|p| &p.order).collect();
+            let results = self.apply_batch(&orders, &held).await;
+            self.unlock_all(held).await;
+            for (pending, result) in live.into_iter().zip(results) {
+                let _ = pending.answer.send(result);
+            }
+        }
+    }
+
+    /// Applies `orders` (all on the same products) under `held`, one answer per order.
+    async fn apply_batch(
+        &self,
+        orders: &[&Order],
+        held: &Held,
+    ) -> Vec<Result<Applied, StockError>> {
+        if orders.is_empty() {
+            return Vec::new();
+        }
+        match self.apply_batch_once(orders, held).await {
+            Ok(results) => results,
+            // An order id used concurrently for other products: find out which order it was
+            // by applying the batch one order (one transaction) at a time, still under the locks.
+            Err(StockError::Db(DbError::Duplicate(_))) => {
+                let mut results = Vec::with_capacity(orders.len());
+                for order in orders {
+                    results.push(self.reduce_locked(order, held).await);
+                }
+                results
+            }
+            Err(error) => orders.iter().map(|_| Err(error.clone())).collect(),
+        }
+    }
+
+    async fn apply_batch_once(
+        &self,
+        orders: &[&Order],
+        held: &Held,
+    ) -> Result<Vec<Result<Applied, StockError>>, StockError> {
+        let mut tx = self.store.begin().await?;
+        let ids: Vec<&OrderId> = orders.iter().map(|o| &o.id).collect();
+        let stored = store::find_orders(&mut tx, &ids).await?;
+
+        let mut levels: BTreeMap<ProductId, Units> = BTreeMap::new();
+        let mut missing = None;
+        for (product, _) in &orders[0].items {
+            match store::stock_in(&mut tx, &product.id).await? {
+                Some(stock) => {
+                    levels.insert(product.id.clone(), stock);
+                }
+                None => missing = Some(product.id.clone()),
+            }
+        }
+
+        let mut results = Vec::with_capacity(orders.len());
+        let mut applied: HashMap<&OrderId, Applied> = HashMap::new();
+        let mut recorded: Vec<(&OrderId, Vec<store::RecordedItem>)> = Vec::new();
+        for order in orders {
+            let replay_of = |items: &[(ProductId, Units)]| {
+                items.len() == order.items.len()
+                    && items
+                        .iter()
+                        .zip(&order.items)
+                        .all(|((p, q), (product, quantity))| p == &product.id && q == quantity)
+            };
+            if let Some(previous) = stored.get(&order.id) {
+                let items: Vec<(ProductId, Units)> = previous
+                    .items
+                    .iter()
+                    .map(|(p, q, _)| (p.clone(), *q))
+                    .collect();
+                results.push(if replay_of(&items) {
+                    Ok(Applied {
+                        levels: previous
+                            .items
+                            .iter()
+                            .map(|(p, _, left)| (p.clone(), *left))
+                            .collect(),
+                        replayed: true,
+                    })
+                } else {
+                    Err(StockError::OrderIdReused(order.id.clone()))
+                });
+                continue;
+            }
+            if let Some(first) = applied.get(&order.id) {
+                // The same order twice in one batch (a double click): the second is a replay.
+                let items: Vec<(ProductId, Units)> = recorded
+                    .iter()
+                    .find(|(id, _)| *id == &order.id)
+                    .map(|(_, items)| items.iter().map(|(p, q, _)| (p.clone(), *q)).collect())
+                    .unwrap_or_default();
+                results.push(if replay_of(&items) {
+                    Ok(Applied {
+                        levels: first.levels.clone(),
+                        replayed: true,
+                    })
+                } else {
+                    Err(StockError::OrderIdReused(order.id.clone()))
+                });
+                continue;
+            }
+            if let Some(product) = &missing {
+                results.push(Err(StockError::UnknownProduct(product.clone())));
+                continue;
+            }
+            let shortages: Vec<Shortage> = order
+                .items
+                .iter()
+                .filter_map(|(product, quantity)| {
+                    let available = levels
+                        .get(&product.id)
+                        .copied()
+                        .unwrap_or(Units::from_stored(0));
+                    (available < *quantity).then(|| Shortage {
+                        product: product.id.clone(),
+                        requested: *quantity,
+                        available,
+                    })
+                })
+                .collect();
+            if !shortages.is_empty() {
+                results.push(Err(StockError::Insufficient(shortages)));
+                continue;
+            }
+            let mut items = Vec::with_capacity(order.items.len());
+            for (product, quantity) in &order.items {
+                let level = levels
+                    .entry(product.id.clone())
+                    .or_insert(Units::from_stored(0));
+                *level = Units::from_stored(level.get() - quantity.get());
+                items.push((product.id.clone(), *quantity, *level));
+            }
+            let answer = Applied {
+                levels: items
+                    .iter()
+                    .map(|(p, _, left)| (p.clone(), *left))
+                    .collect(),
+                replayed: false,
+            };
+            applied.insert(&order.id, answer.clone());
+            results.push(Ok(answer));
+            recorded.push((&order.id, items));
+        }
+
+        if !recorded.is_empty() {
+            self.fault_delay().await;
+            let mut taken: BTreeMap<&ProductId, i64> = BTreeMap::new();
+            for (_, items) in &recorded {
+                for (product, quantity, _) in items {
+                    *taken.entry(product).or_insert(0) += quantity.get();
+                }
+            }
+            for (product, total) in taken {
+                let left = store::take(
+                    &mut tx,
+                    product,
+                    Units::from_stored(total),
+                    held.fence(product),
+                )
+                .await?;
+                if left.is_none() {
+                    return Err(StockError::LeaseLost(product.clone()));
+                }
+            }
+            store::insert_orders(&mut tx, &recorded, store::now_ms()).await?;
+            self.commit(tx, held).await?;
+        }
+        Ok(results)
+    }
+}
