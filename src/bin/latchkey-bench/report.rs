@@ -117,13 +117,20 @@ pub fn print(rows: &[Row]) {
         } else {
             format!("{:.0} {}", row.throughput, row.unit)
         };
+        let ms = |v: f64| {
+            if row.unit.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{v:.2}")
+            }
+        };
         table.add_row(vec![
             row.scenario.clone(),
             row.variant.clone(),
             throughput,
-            format!("{:.2}", row.p50_ms),
-            format!("{:.2}", row.p99_ms),
-            format!("{:.2}", row.max_ms),
+            ms(row.p50_ms),
+            ms(row.p99_ms),
+            ms(row.max_ms),
             details,
             format!(
                 "{}{}",
