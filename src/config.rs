@@ -111,6 +111,23 @@ pub struct LockConfig {
     #[arg(long = "lock-linger", env = "LATCHKEY_LOCK_LINGER", default_value = "60s", value_parser = parse_duration)]
     pub linger: Duration,
 
+    /// Most callers of this server waiting on one lock name at once (Acquire waits, Hold
+    /// streams waiting for their grant, ReduceStock orders queued for one product set). More
+    /// are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LATCHKEY_MAX_WAITERS_PER_NAME", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiters_per_name: u32,
+
+    /// Most callers waiting on this server at once, over all names.
+    #[arg(long, env = "LATCHKEY_MAX_WAITERS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiters: u32,
+
+    /// Most Hold streams open on this server at once.
+    #[arg(long, env = "LATCHKEY_MAX_HOLD_STREAMS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_hold_streams: u32,
+
     /// How long a queued fair waiter stays in its lock's queue without its latchkey process
     /// refreshing it (every third of this). A waiter whose process died is skipped at most
     /// 4/3 of this after the death: 2s by default.

@@ -47,12 +47,7 @@ pub async fn run(
 
     let store = LockStore::connect(&config.redis, &config.locks)?;
     let waiters = Waiters::start(fred_builder(&config.redis)?.build_subscriber_client()?);
-    let engine = LockEngine::start(
-        store,
-        waiters,
-        stop.clone(),
-        config.locks.fair_waiter_timeout,
-    );
+    let engine = LockEngine::start(store, waiters, stop.clone(), &config.locks);
     let stock_store = StockStore::connect(&config.stock)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the stock database: {e}"))?;

@@ -336,3 +336,120 @@ async fn limits_are_settings_not_constants() {
             .acquired
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.locks.max_waiters_per_name = 2;
+    config.locks.max_waiters = 3;
+    config.locks.max_hold_streams = 1;
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+    let a = acquire_with(&mut c, acquire("flood/a", secs(30), Duration::ZERO))
+        .await
+        .unwrap();
+    acquire_with(&mut c, acquire("flood/b", secs(30), Duration::ZERO))
+        .await
+        .unwrap();
+    let waiters = |server_client: &LockServiceClient<Channel>, name: &'static str| {
+        let mut client = server_client.clone();
+        tokio::spawn(async move { client.acquire(acquire(name, secs(30), secs(30))).await })
+    };
+    let observer = c.clone();
+    let inspect = |name: &'static str| {
+        let mut client = observer.clone();
+        async move {
+            client
+                .inspect(pb::InspectRequest { name: name.into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .waiters
+        }
+    };
+    let w1 = waiters(&c, "flood/a");
+    let w2 = waiters(&c, "flood/a");
+    wait_until(secs(10), || async { inspect("flood/a").await == 2 }).await;
+    let status = acquire_with(&mut c, acquire("flood/a", secs(30), secs(30)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("max_waiters_per_name"),
+        "{}",
+        status.message()
+    );
+    // A try-once acquire does not wait, so it is never refused for load.
+    assert!(
+        !acquire_with(&mut c, acquire("flood/a", secs(30), Duration::ZERO))
+            .await
+            .unwrap()
+            .acquired
+    );
+
+    let w3 = waiters(&c, "flood/b");
+    wait_until(secs(10), || async { inspect("flood/b").await == 1 }).await;
+    let status = acquire_with(&mut c, acquire("flood/b", secs(30), secs(30)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("max_waiters"),
+        "{}",
+        status.message()
+    );
+
+    // Capacity comes back as waiters leave.
+    c.release(pb::ReleaseRequest {
+        name: "flood/a".into(),
+        token: a.token,
+    })
+    .await
+    .unwrap();
+    let granted = w1.await.unwrap().unwrap().into_inner();
+    assert!(granted.acquired);
+    c.release(pb::ReleaseRequest {
+        name: "flood/a".into(),
+        token: granted.token,
+    })
+    .await
+    .unwrap();
+    let granted = w2.await.unwrap().unwrap().into_inner();
+    assert!(granted.acquired);
+    w3.abort();
+    wait_until(secs(10), || async { inspect("flood/b").await == 0 }).await;
+    let waiting = waiters(&c, "flood/a");
+    wait_until(secs(10), || async { inspect("flood/a").await == 1 }).await;
+    waiting.abort();
+
+    // Hold streams: one may be open.
+    let (first_tx, first_rx) = tokio::sync::mpsc::channel(1);
+    first_tx
+        .send(pb::HoldRequest {
+            action: Some(pb::hold_request::Action::Acquire(acquire(
+                "flood/h",
+                secs(30),
+                Duration::ZERO,
+            ))),
+        })
+        .await
+        .unwrap();
+    let mut first = c
+        .hold(tokio_stream::wrappers::ReceiverStream::new(first_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.message().await.unwrap().is_some());
+    let (_second_tx, second_rx) = tokio::sync::mpsc::channel(1);
+    let status = c
+        .hold(tokio_stream::wrappers::ReceiverStream::new(second_rx))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("max_hold_streams"),
+        "{}",
+        status.message()
+    );
+}

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,13 +29,17 @@ use crate::{
 pub struct LockApi {
     engine: Arc<LockEngine>,
     limits: Arc<LockConfig>,
+    /// One permit per open Hold stream (max_hold_streams).
+    hold_streams: Arc<Semaphore>,
 }
 
 impl LockApi {
     pub fn new(engine: Arc<LockEngine>, limits: LockConfig) -> Self {
+        let hold_streams = Arc::new(Semaphore::new(limits.max_hold_streams as usize));
         Self {
             engine,
             limits: Arc::new(limits),
+            hold_streams,
         }
     }
 
@@ -315,8 +319,18 @@ impl pb::lock_service_server::LockService for LockApi {
         request: Request<Streaming<pb::HoldRequest>>,
     ) -> Result<Response<Self::HoldStream>, Status> {
         let timeout = grpc_timeout(request.metadata());
+        let permit = self.hold_streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this server already has {} open Hold streams, the limit (max_hold_streams)",
+                self.limits.max_hold_streams
+            ))
+        })?;
         let (out, stream) = mpsc::channel(16);
-        tokio::spawn(self.clone().run_hold(request.into_inner(), out, timeout));
+        let api = self.clone();
+        tokio::spawn(async move {
+            api.run_hold(request.into_inner(), out, timeout).await;
+            drop(permit);
+        });
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 

@@ -7,6 +7,7 @@
 //! | `LockError::Store(Unavailable)`, `ShuttingDown` | UNAVAILABLE |
 //! | `LockError::Store(Unexpected)`| INTERNAL            |
 //! | `LockError::Cancelled`        | CANCELLED           |
+//! | `LockError::Exhausted`        | RESOURCE_EXHAUSTED  |
 //! | `StockError::UnknownProduct`, `UnknownOrder` | NOT_FOUND |
 //! | `StockError::Insufficient`, `Overflow` | FAILED_PRECONDITION |
 //! | `StockError::OrderIdReused`   | ALREADY_EXISTS      |
@@ -67,6 +68,7 @@ impl From<LockError> for Status {
             }
             LockError::Store(StoreError::Unexpected(_)) => Status::internal(error.to_string()),
             LockError::Cancelled => Status::cancelled(error.to_string()),
+            LockError::Exhausted(_) => Status::resource_exhausted(error.to_string()),
         }
     }
 }

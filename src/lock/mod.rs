@@ -20,6 +20,7 @@
 //! Layout: `request` (typed, validated inputs), `store` (Redis keys and scripts), `waiters`
 //! (pub/sub wake-ups), `fair` (the queue refresher).
 
+pub mod admission;
 mod fair;
 pub mod request;
 pub mod store;
@@ -87,6 +88,9 @@ pub enum LockError {
     ShuttingDown,
     #[error("the caller went away")]
     Cancelled,
+    /// A load cap was reached; the message names it.
+    #[error("{0}")]
+    Exhausted(String),
 }
 
 fn not_owner_message(why: NotOwner) -> &'static str {
@@ -107,6 +111,8 @@ pub struct LockEngine {
     fair: Arc<fair::FairWaiting>,
     /// How long a fair waiter's queue entry lives without a refresh.
     fair_alive: Duration,
+    /// Caps on waiting callers.
+    admission: admission::Admission,
 }
 
 /// Slack added to a holder's TTL before retrying, so the retry lands after the lease ended
@@ -119,14 +125,16 @@ impl LockEngine {
         store: LockStore,
         waiters: Waiters,
         shutdown: CancellationToken,
-        fair_alive: Duration,
+        limits: &crate::config::LockConfig,
     ) -> Arc<Self> {
+        let fair_alive = limits.fair_waiter_timeout;
         let engine = Arc::new(Self {
             store,
             waiters,
             shutdown,
             fair: Arc::default(),
             fair_alive,
+            admission: admission::Admission::new(limits.max_waiters_per_name, limits.max_waiters),
         });
         tokio::spawn(fair::refresh(Arc::downgrade(&engine), fair_alive));
         engine
@@ -134,6 +142,11 @@ impl LockEngine {
 
     pub fn store(&self) -> &LockStore {
         &self.store
+    }
+
+    /// The waiting caps, shared with the stock engine's order queues.
+    pub fn admission(&self) -> &admission::Admission {
+        &self.admission
     }
 
     /// Acquires `req.name`, waiting until `deadline` at the latest. `gone` resolves when the
@@ -152,6 +165,7 @@ impl LockEngine {
             Err(LockError::NotOwner(_)) => "refused",
             Err(LockError::Cancelled) => "cancelled",
             Err(LockError::ShuttingDown) => "shutting_down",
+            Err(LockError::Exhausted(_)) => "exhausted",
             Err(LockError::Store(_)) => "error",
         };
         metrics::histogram!(telemetry::ACQUIRE_SECONDS, "outcome" => outcome)
@@ -199,6 +213,7 @@ impl LockEngine {
             return Ok(Acquired::TimedOut { holder_ttl });
         }
 
+        let _slot = self.admission.admit(name)?;
         tokio::pin!(gone);
         let channel = self.store.keys(name).channel;
         let interest = tokio::select! {
@@ -268,6 +283,11 @@ impl LockEngine {
     ) -> Result<Result<store::Granted, Duration>, LockError> {
         let name = &req.name;
         let waits = Instant::now() < deadline;
+        let _slot = if waits {
+            Some(self.admission.admit(name)?)
+        } else {
+            None
+        };
         let attempt = |joins: bool| async move {
             self.store
                 .fair_acquire(name, token, req.lease, joins, self.fair_alive)

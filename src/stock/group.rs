@@ -60,6 +60,9 @@ impl StockEngine {
         gone: impl std::future::Future<Output = ()>,
     ) -> Result<Applied, StockError> {
         let key: Vec<ProductId> = order.items.iter().map(|(p, _)| p.id.clone()).collect();
+        // A queued follower counts as a waiter on its first product's lock (load caps); a
+        // leader is counted by the lock engine while it waits for the locks.
+        let slot = self.locks.admission().admit(&order.items[0].0.lock)?;
         let (answer, answered) = oneshot::channel();
         let pending = Pending {
             order: order.clone(),
@@ -85,6 +88,7 @@ impl StockEngine {
             )))
         };
         if leads {
+            drop(slot);
             // The leader serves the batch to the end, even if its own caller went away (its
             // order may then be applied; a retry with the same order_id tells).
             let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();

@@ -183,12 +183,7 @@ pub async fn uncontended_floor(redis_url: &str, duration: Duration) -> anyhow::R
         latchkey::lock::store::fred_builder(&config.redis)?.build_subscriber_client()?,
     );
     let stop = CancellationToken::new();
-    let engine = LockEngine::start(
-        store,
-        waiters,
-        stop.clone(),
-        config.locks.fair_waiter_timeout,
-    );
+    let engine = LockEngine::start(store, waiters, stop.clone(), &config.locks);
     engine.store().ping().await?;
     let lease = Lease::parse(Some(Duration::from_secs(30)), &config.locks)?;
     let bar = timed_bar("uncontended (floor)", duration);
