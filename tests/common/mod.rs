@@ -377,3 +377,112 @@ pub fn signal(pid: u32, sig: &str) {
         .expect("run kill");
     assert!(status.success(), "kill -{sig} {pid}");
 }
+
+/// A private PostgreSQL cluster (initdb + pg_ctl on a free port, as the `postgres` user when
+/// run as root) that a test may stop and start. Removed when dropped.
+pub struct PgCluster {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+}
+
+impl PgCluster {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (the test command installs it)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("an initdb under /usr/lib/postgresql/*/bin");
+        let dir = tempfile::tempdir().expect("temp dir for PostgreSQL");
+        let cluster = Self {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        if cluster.as_root() {
+            let status = Command::new("chown")
+                .arg("postgres")
+                .arg(cluster.dir.path())
+                .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "chown the cluster dir to postgres"
+            );
+        }
+        let data = cluster.dir.path().join("data");
+        let ok = cluster
+            .command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "initdb");
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    fn as_root(&self) -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"))
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        if self.as_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn pg_ctl_start(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let ok = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-w", "-l"])
+            .arg(self.dir.path().join("log"))
+            .args(["-o", &options, "start"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "pg_ctl start");
+    }
+
+    /// `pg_ctl stop -m immediate`: the server goes away at once, as in a crash.
+    pub fn stop(&self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .status();
+    }
+
+    pub fn restart(&self) {
+        self.pg_ctl_start();
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,135 @@
+//! The stock database unreachable for a while: ReduceStock fails cleanly with UNAVAILABLE,
+//! its product locks are released, nothing is half-written, and service resumes by itself.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use latchkey::grpc::pb;
+use sqlx::{Connection, Executor};
+use tonic::Code;
+
+fn order(id: &str, product: &str) -> pb::ReduceStockRequest {
+    pb::ReduceStockRequest {
+        order_id: id.into(),
+        items: vec![pb::StockItem {
+            product_id: product.into(),
+            quantity: 1,
+        }],
+        wait_timeout: dur(secs(5)),
+    }
+}
+
+async fn lock_is_free(server: &Latchkey, product: &str) -> bool {
+    let mut locks = server.locks().await;
+    let state = locks
+        .inspect(pb::InspectRequest {
+            name: format!("stock/{product}"),
+        })
+        .await;
+    !state.unwrap().into_inner().held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_sqlite_file_gives_unavailable_releases_the_locks_and_writes_nothing() {
+    let redis = RedisServer::start();
+    let db = TestDb::new(DbKind::Sqlite).await;
+    let mut config = test_config(&redis);
+    config.stock.database_url = db.url.clone();
+    config.stock.database_timeout = ms(500);
+    let server = Latchkey::start_with(config).await;
+    let mut stock = server.stock().await;
+    stock
+        .set_stock(pb::SetStockRequest {
+            product_id: "disk".into(),
+            stock: 10,
+        })
+        .await
+        .unwrap();
+
+    // Another process takes SQLite's write lock and keeps it.
+    let path = db.url.trim_start_matches("sqlite://");
+    let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+        .await
+        .unwrap();
+    blocker.execute("BEGIN EXCLUSIVE").await.unwrap();
+
+    let started = Instant::now();
+    let status = stock.reduce_stock(order("o-1", "disk")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < secs(4), "took {:?}", started.elapsed());
+    assert!(
+        lock_is_free(&server, "disk").await,
+        "the product lock was released"
+    );
+
+    blocker.execute("ROLLBACK").await.unwrap();
+    let level = stock
+        .get_stock(pb::GetStockRequest {
+            product_id: "disk".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        level.into_inner().level.unwrap().stock,
+        10,
+        "nothing was written"
+    );
+    // The same order goes through once the database is back, and only once.
+    let sold = stock
+        .reduce_stock(order("o-1", "disk"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!sold.replayed && sold.remaining[0].stock == 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_down_gives_unavailable_and_service_resumes_when_it_returns() {
+    let redis = RedisServer::start();
+    let pg = PgCluster::start();
+    let mut config = test_config(&redis);
+    config.stock.database_url = pg.url();
+    config.stock.database_timeout = ms(1000);
+    let server = Latchkey::start_with(config).await;
+    let mut stock = server.stock().await;
+    stock
+        .set_stock(pb::SetStockRequest {
+            product_id: "tape".into(),
+            stock: 10,
+        })
+        .await
+        .unwrap();
+    stock.reduce_stock(order("before", "tape")).await.unwrap();
+
+    pg.stop();
+    let started = Instant::now();
+    let status = stock
+        .reduce_stock(order("during", "tape"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < secs(5), "took {:?}", started.elapsed());
+    assert!(
+        lock_is_free(&server, "tape").await,
+        "the product lock was released"
+    );
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    wait_until(secs(10), || async { server.health().await == not_serving }).await;
+
+    pg.restart();
+    server.wait_serving().await;
+    let deadline = Instant::now() + secs(15);
+    let sold = loop {
+        match stock.reduce_stock(order("during", "tape")).await {
+            Ok(sold) => break sold.into_inner(),
+            Err(status) if Instant::now() < deadline && status.code() == Code::Unavailable => {
+                tokio::time::sleep(ms(100)).await;
+            }
+            Err(status) => panic!("not back: {status:?}"),
+        }
+    };
+    assert!(!sold.replayed, "the failed attempt wrote nothing");
+    assert_eq!(sold.remaining[0].stock, 8, "10 - before - during");
+}
