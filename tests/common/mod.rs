@@ -285,6 +285,11 @@ pub struct LatchkeyProcess {
 
 impl LatchkeyProcess {
     pub async fn start(redis: &RedisServer) -> Self {
+        Self::start_with_env(redis, &[]).await
+    }
+
+    /// With extra settings, e.g. `[("LATCHKEY_DATABASE_URL", url)]`.
+    pub async fn start_with_env(redis: &RedisServer, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let db = tempfile::tempdir().expect("temp dir for sqlite");
         let child = Command::new(env!("CARGO_BIN_EXE_latchkey"))
@@ -296,6 +301,7 @@ impl LatchkeyProcess {
             .env("LATCHKEY_LISTEN", format!("127.0.0.1:{port}"))
             .env("LATCHKEY_REDIS_URL", redis.url())
             .env("LATCHKEY_REDIS_TIMEOUT", "1s")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -330,6 +336,15 @@ impl LatchkeyProcess {
             .await
             .expect("connect to latchkey process");
         LockServiceClient::new(channel)
+    }
+
+    pub async fn stock(&self) -> pb::stock_service_client::StockServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to latchkey process");
+        pb::stock_service_client::StockServiceClient::new(channel)
     }
 
     pub fn pid(&self) -> u32 {
