@@ -156,7 +156,7 @@ async fn the_ledger_balances_through_a_redis_crash() {
         .iter()
         .map(|r| (r.get::<String, _>(0), r.get::<Option<i64>, _>(1).is_some()))
         .collect();
-    for (id, _) in &reduced {
+    for id in reduced.keys() {
         assert!(
             stored.contains_key(id),
             "seed {seed}: acknowledged order {id} is not in the database"
@@ -201,13 +201,13 @@ async fn the_ledger_balances_through_a_redis_crash() {
 async fn a_holder_frozen_past_its_lease_mid_transaction_writes_nothing() {
     let redis = RedisServer::start();
     let db = TestDb::new(DbKind::Postgres).await;
-    // The frozen one: product leases of 300 ms, 400 ms inside each transaction before writing.
+    // The frozen one: product leases of 300 ms, 1.5 s inside each transaction before writing.
     let frozen = LatchkeyProcess::start_with_env(
         &redis,
         &[
             ("LATCHKEY_DATABASE_URL", db.url.as_str()),
             ("LATCHKEY_STOCK_LEASE", "300ms"),
-            ("LATCHKEY_FAULT_TXN_DELAY", "400ms"),
+            ("LATCHKEY_FAULT_TXN_DELAY", "1500ms"),
         ],
     )
     .await;
@@ -248,6 +248,8 @@ async fn a_holder_frozen_past_its_lease_mid_transaction_writes_nothing() {
         }
     })
     .await;
+    // Into the transaction's pause (after its checks, before its writes), then frozen.
+    tokio::time::sleep(ms(300)).await;
     signal(frozen.pid(), "STOP");
     // While it is frozen, its lease runs out and another buyer takes 3 units.
     let order = pb::ReduceStockRequest {
@@ -262,8 +264,14 @@ async fn a_holder_frozen_past_its_lease_mid_transaction_writes_nothing() {
     assert_eq!(sold.remaining[0].stock, 2);
     signal(frozen.pid(), "CONT");
 
+    // ABORTED (its fenced write or its pre-commit lease check refused it). On a machine so
+    // loaded that the freeze landed before its checks, it finds the stock short instead.
+    // Either way it wrote nothing.
     let status = stale.await.unwrap().unwrap_err();
-    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        matches!(status.code(), Code::Aborted | Code::FailedPrecondition),
+        "{status:?}"
+    );
     let left = stock
         .get_stock(pb::GetStockRequest {
             product_id: "fuse".into(),
