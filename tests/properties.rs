@@ -1,0 +1,220 @@
+//! Property tests against a live server: generated request messages and generated sequences of
+//! lock operations, each answer checked against a model of what latchkey promises.
+
+mod common;
+
+use std::{collections::HashMap, sync::OnceLock, time::Duration};
+
+use common::*;
+use fred::prelude::*;
+use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
+use proptest::prelude::*;
+use tokio::runtime::Runtime;
+use tonic::{Code, transport::Channel};
+
+/// One Redis and one latchkey for all cases of this file, on a runtime of their own.
+struct Live {
+    runtime: Runtime,
+    _redis: RedisServer,
+    redis_client: Client,
+    server: Latchkey,
+}
+
+fn live() -> &'static Live {
+    static LIVE: OnceLock<Live> = OnceLock::new();
+    LIVE.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let redis = RedisServer::start();
+        let (server, redis_client) =
+            runtime.block_on(async { (Latchkey::start(&redis).await, redis.client().await) });
+        Live {
+            runtime,
+            _redis: redis,
+            redis_client,
+            server,
+        }
+    })
+}
+
+fn client() -> LockServiceClient<Channel> {
+    let live = live();
+    live.runtime.block_on(live.server.locks())
+}
+
+fn duration() -> impl Strategy<Value = Option<prost_types::Duration>> {
+    prop_oneof![
+        Just(None),
+        (-5i64..4000, -10i32..1_000_000_010)
+            .prop_map(|(seconds, nanos)| Some(prost_types::Duration { seconds, nanos })),
+        (any::<i64>(), any::<i32>())
+            .prop_map(|(seconds, nanos)| Some(prost_types::Duration { seconds, nanos })),
+    ]
+}
+
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z/]{1,20}",
+        "\\PC{0,300}",
+        ".{0,10}",
+        Just("x".repeat(257)),
+        Just(String::new()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Any AcquireRequest is answered OK or INVALID_ARGUMENT (naming a field), never an
+    /// internal error; a refused one creates no Redis key.
+    #[test]
+    fn any_acquire_request_is_granted_refused_or_rejected_by_field(
+        name in name(),
+        lease in duration(),
+        wait in duration(),
+        token in prop_oneof![Just(String::new()), "[0-9a-f-]{0,40}"],
+    ) {
+        let live = live();
+        let mut c = client();
+        let request = pb::AcquireRequest { name: name.clone(), lease, wait_timeout: wait, token, fair: false };
+        // This name's lock as Redis holds it, before and after (other cases run in parallel
+        // on the same Redis, so only this name's keys are compared).
+        let key = format!("latchkey:{{{name}}}:lock");
+        let answer = live.runtime.block_on(async {
+            let before: HashMap<String, String> = live.redis_client.hgetall(&key).await.unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(10), c.acquire(request)).await;
+            let after: HashMap<String, String> = live.redis_client.hgetall(&key).await.unwrap();
+            (answer, before, after)
+        });
+        let (answer, before, after) = answer;
+        let answer = answer.expect("answered at once: names are fresh, so nobody holds them");
+        match answer {
+            Ok(granted) => {
+                let granted = granted.into_inner();
+                if granted.acquired {
+                    let mut c = client();
+                    let released = live.runtime.block_on(c.release(pb::ReleaseRequest { name, token: granted.token }));
+                    prop_assert!(released.is_ok());
+                }
+            }
+            Err(status) => {
+                prop_assert!(
+                    matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition),
+                    "{status:?}"
+                );
+                if status.code() == Code::InvalidArgument {
+                    let field = status.message().split(':').next().unwrap_or_default();
+                    prop_assert!(["name", "lease", "wait_timeout", "token"].contains(&field), "{status:?}");
+                    prop_assert_eq!(before, after, "a rejected request touched Redis");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire { name: usize },
+    Reenter { name: usize, token: usize },
+    Release { name: usize, token: usize },
+    Extend { name: usize, token: usize },
+    Inspect { name: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..3usize).prop_map(|name| Op::Acquire { name }),
+        (0..3usize, 0..8usize).prop_map(|(name, token)| Op::Reenter { name, token }),
+        (0..3usize, 0..8usize).prop_map(|(name, token)| Op::Release { name, token }),
+        (0..3usize, 0..8usize).prop_map(|(name, token)| Op::Extend { name, token }),
+        (0..3usize).prop_map(|name| Op::Inspect { name }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Sequences of operations on a few names, with tokens that are current, stale, of another
+    /// lock or never issued: every answer matches the model (at most one owner per name, hold
+    /// counts, only the owner's token acts), and Inspect agrees.
+    #[test]
+    fn operation_sequences_match_the_lock_model(ops in prop::collection::vec(op(), 1..30)) {
+        let live = live();
+        let mut c = client();
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let names: Vec<String> = (0..3).map(|i| format!("model/{run}/{i}")).collect();
+        // Tokens seen so far (some never issued), and the model: name -> (token, holds).
+        let mut tokens: Vec<String> = (0..2).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        let mut model: HashMap<usize, (String, u32)> = HashMap::new();
+        let lease = dur(Duration::from_secs(600));
+        for op in ops {
+            live.runtime.block_on(async {
+                match op {
+                    Op::Acquire { name } => {
+                        let request = pb::AcquireRequest { name: names[name].clone(), lease, ..Default::default() };
+                        let answer = c.acquire(request).await.expect("acquire").into_inner();
+                        match model.get(&name) {
+                            Some(_) => assert!(!answer.acquired, "{name} is held: no second owner"),
+                            None => {
+                                assert!(answer.acquired && answer.hold_count == 1);
+                                tokens.push(answer.token.clone());
+                                model.insert(name, (answer.token, 1));
+                            }
+                        }
+                    }
+                    Op::Reenter { name, token } => {
+                        let token = tokens[token % tokens.len()].clone();
+                        let request = pb::AcquireRequest { name: names[name].clone(), lease, token: token.clone(), ..Default::default() };
+                        let answer = c.acquire(request).await;
+                        match model.get_mut(&name) {
+                            Some((owner, holds)) if *owner == token => {
+                                *holds += 1;
+                                assert_eq!(answer.expect("re-entry").into_inner().hold_count, *holds);
+                            }
+                            _ => assert_eq!(answer.expect_err("not the owner").code(), Code::FailedPrecondition),
+                        }
+                    }
+                    Op::Release { name, token } => {
+                        let token = tokens[token % tokens.len()].clone();
+                        let answer = c.release(pb::ReleaseRequest { name: names[name].clone(), token: token.clone() }).await;
+                        match model.get_mut(&name) {
+                            Some((owner, holds)) if *owner == token => {
+                                *holds -= 1;
+                                let answer = answer.expect("the owner releases").into_inner();
+                                assert_eq!((answer.released, answer.hold_count), (*holds == 0, *holds));
+                                if *holds == 0 {
+                                    model.remove(&name);
+                                }
+                            }
+                            _ => assert_eq!(answer.expect_err("not the owner").code(), Code::FailedPrecondition),
+                        }
+                    }
+                    Op::Extend { name, token } => {
+                        let token = tokens[token % tokens.len()].clone();
+                        let answer = c.extend(pb::ExtendRequest { name: names[name].clone(), token: token.clone(), lease }).await;
+                        match model.get(&name) {
+                            Some((owner, _)) if *owner == token => assert!(answer.is_ok()),
+                            _ => assert_eq!(answer.expect_err("not the owner").code(), Code::FailedPrecondition),
+                        }
+                    }
+                    Op::Inspect { name } => {
+                        let state = c.inspect(pb::InspectRequest { name: names[name].clone() }).await.expect("inspect").into_inner();
+                        match model.get(&name) {
+                            Some((_, holds)) => assert!(state.held && state.hold_count == *holds),
+                            None => assert!(!state.held),
+                        }
+                    }
+                }
+            });
+        }
+        // Clean up what the model still holds.
+        for (name, (token, _)) in model {
+            let mut c = client();
+            let _ = live.runtime.block_on(c.force_release(pb::ForceReleaseRequest { name: names[name].clone() }));
+            let _ = token;
+        }
+    }
+}
