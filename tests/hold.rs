@@ -302,3 +302,108 @@ async fn sigterm_releases_hold_locks_ends_waits_and_exits_zero_within_seconds() 
         "the held lock was released at shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latchkey_process_killed_with_holds_and_waiters_does_not_stop_the_others() {
+    let redis = RedisServer::start();
+    let survivor = Latchkey::start(&redis).await;
+    let mut others = survivor.locks().await;
+    let mut doomed = LatchkeyProcess::start(&redis).await;
+    let mut client = doomed.locks().await;
+
+    // On the doomed process: a Hold stream holding `jobs/held` (1 s lease, renewed while the
+    // process lives), and waiters, fair and plain, on locks the survivor's clients hold.
+    let mut hold = Hold::open(&mut client, acquire("jobs/held", secs(1), Duration::ZERO)).await;
+    assert!(hold.granted().await.acquired);
+    let plain = others
+        .acquire(acquire("jobs/plain", secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    let fair_req = |wait| pb::AcquireRequest {
+        fair: true,
+        ..acquire("jobs/fair", secs(30), wait)
+    };
+    let fair = others
+        .acquire(fair_req(Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    for (name, request) in [
+        ("jobs/plain", acquire("jobs/plain", secs(30), secs(60))),
+        ("jobs/fair", fair_req(secs(60))),
+    ] {
+        let mut waiter = doomed.locks().await;
+        tokio::spawn(async move { waiter.acquire(request).await });
+        wait_until(secs(10), || {
+            let mut others = others.clone();
+            async move {
+                others
+                    .inspect(pb::InspectRequest { name: name.into() })
+                    .await
+                    .unwrap()
+                    .get_ref()
+                    .waiters
+                    == 1
+            }
+        })
+        .await;
+    }
+    tokio::time::sleep(secs(2)).await; // the hold has been renewed past its first lease
+    assert!(inspect_named(&others, "jobs/held").await.held);
+
+    doomed.kill9();
+    let killed_at = Instant::now();
+    // The held lock frees at its lease end (nobody renews it any more).
+    let next = others
+        .acquire(acquire("jobs/held", secs(30), secs(10)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next.acquired);
+    assert!(
+        killed_at.elapsed() < secs(3),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+    // The dead waiters take nothing: a release goes to a live waiter at once (plain), or
+    // within the purge bound (fair, 2 s).
+    for (name, token, fair) in [
+        ("jobs/plain", plain.token, false),
+        ("jobs/fair", fair.token, true),
+    ] {
+        let mut waiter = survivor.locks().await;
+        let request = pb::AcquireRequest {
+            fair,
+            ..acquire(name, secs(30), secs(20))
+        };
+        let waiting = tokio::spawn(async move { waiter.acquire(request).await });
+        tokio::time::sleep(ms(200)).await;
+        let released_at = Instant::now();
+        others
+            .release(pb::ReleaseRequest {
+                name: name.into(),
+                token,
+            })
+            .await
+            .unwrap();
+        assert!(
+            waiting.await.unwrap().unwrap().into_inner().acquired,
+            "{name}"
+        );
+        assert!(
+            released_at.elapsed() < secs(4),
+            "{name} took {:?}",
+            released_at.elapsed()
+        );
+    }
+}
+
+async fn inspect_named(client: &LockServiceClient<Channel>, name: &str) -> pb::InspectResponse {
+    client
+        .clone()
+        .inspect(pb::InspectRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
