@@ -400,14 +400,20 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
         status.message()
     );
 
-    // Capacity comes back as waiters leave.
+    // Capacity comes back as waiters leave: the release hands the lock to one of the two
+    // waiters (either), whose release hands it to the other.
     c.release(pb::ReleaseRequest {
         name: "flood/a".into(),
         token: a.token,
     })
     .await
     .unwrap();
-    let granted = w1.await.unwrap().unwrap().into_inner();
+    let (mut w1, mut w2) = (w1, w2);
+    let (first, second) = tokio::select! {
+        first = &mut w1 => (first, w2),
+        first = &mut w2 => (first, w1),
+    };
+    let granted = first.unwrap().unwrap().into_inner();
     assert!(granted.acquired);
     c.release(pb::ReleaseRequest {
         name: "flood/a".into(),
@@ -415,8 +421,7 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
     })
     .await
     .unwrap();
-    let granted = w2.await.unwrap().unwrap().into_inner();
-    assert!(granted.acquired);
+    assert!(second.await.unwrap().unwrap().into_inner().acquired);
     w3.abort();
     wait_until(secs(10), || async { inspect("flood/b").await == 0 }).await;
     let waiting = waiters(&c, "flood/a");
