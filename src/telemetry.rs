@@ -26,7 +26,12 @@ pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Err only when a subscriber is already installed (tests starting several servers).
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    // Colours only for a person at a terminal, not for journald or log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 /// Serves `/metrics` on `listen`. Must run inside the tokio runtime.
