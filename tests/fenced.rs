@@ -73,7 +73,16 @@ async fn client_loop(
             wait_timeout: dur(secs(2)),
             ..Default::default()
         };
-        let grant = match client.acquire(request).await {
+        let asked = Instant::now();
+        let answer = client.acquire(request).await;
+        // No RPC outlives its deadline: the 2 s wait, plus one Redis timeout (1 s) for an
+        // attempt caught in a fault, plus slack for a loaded machine.
+        let took = asked.elapsed();
+        assert!(
+            took < secs(5),
+            "seed {seed}: an acquire with a 2 s wait took {took:?}"
+        );
+        let grant = match answer {
             Ok(g) if g.get_ref().acquired => g.into_inner(),
             // Timed out, or Redis unavailable during a fault: try again.
             Ok(_) | Err(_) => {

@@ -218,3 +218,97 @@ proptest! {
         }
     }
 }
+
+#[derive(Debug, Clone)]
+enum StockOp {
+    Reduce {
+        order: usize,
+        items: Vec<(usize, u64)>,
+    },
+    Restore {
+        order: usize,
+    },
+}
+
+fn stock_op() -> impl Strategy<Value = StockOp> {
+    prop_oneof![
+        3 => (0..12usize, prop::collection::vec((0..3usize, 1..6u64), 1..4))
+            .prop_map(|(order, items)| StockOp::Reduce { order, items }),
+        1 => (0..12usize).prop_map(|order| StockOp::Restore { order }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 25, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Sequences of ReduceStock / RestoreStock (order ids reused on purpose) against a model:
+    /// all or nothing, once per order id, restores once, and the stock always equals the model.
+    #[test]
+    fn stock_operation_sequences_match_the_ledger_model(ops in prop::collection::vec(stock_op(), 1..25)) {
+        let live = live();
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let products: Vec<String> = (0..3).map(|i| format!("prop-{run}-{i}")).collect();
+        let mut levels = [10u64; 3];
+        // order -> (merged items, restored)
+        let mut orders: HashMap<usize, (Vec<(usize, u64)>, bool)> = HashMap::new();
+        live.runtime.block_on(async {
+            let mut stock = pb::stock_service_client::StockServiceClient::new(live.server.channel().await);
+            for product in &products {
+                stock.set_stock(pb::SetStockRequest { product_id: product.clone(), stock: 10 }).await.unwrap();
+            }
+            for op in ops {
+                match op {
+                    StockOp::Reduce { order, items } => {
+                        let mut merged: std::collections::BTreeMap<usize, u64> = Default::default();
+                        for (p, q) in &items {
+                            *merged.entry(*p).or_default() += q;
+                        }
+                        let merged: Vec<(usize, u64)> = merged.into_iter().collect();
+                        let request = pb::ReduceStockRequest {
+                            order_id: format!("{run}-{order}"),
+                            items: items.iter().map(|(p, q)| pb::StockItem { product_id: products[*p].clone(), quantity: *q }).collect(),
+                            wait_timeout: None,
+                        };
+                        let answer = stock.reduce_stock(request).await;
+                        match orders.get(&order) {
+                            Some((previous, _)) if *previous == merged => {
+                                assert!(answer.expect("a replay").into_inner().replayed);
+                            }
+                            Some(_) => assert_eq!(answer.expect_err("reused id").code(), Code::AlreadyExists),
+                            None if merged.iter().all(|(p, q)| levels[*p] >= *q) => {
+                                let answer = answer.expect("enough stock").into_inner();
+                                assert!(!answer.replayed);
+                                for (p, q) in &merged {
+                                    levels[*p] -= q;
+                                }
+                                orders.insert(order, (merged, false));
+                            }
+                            None => assert_eq!(answer.expect_err("short").code(), Code::FailedPrecondition),
+                        }
+                    }
+                    StockOp::Restore { order } => {
+                        let request = pb::RestoreStockRequest { order_id: format!("{run}-{order}"), wait_timeout: None };
+                        let answer = stock.restore_stock(request).await;
+                        match orders.get_mut(&order) {
+                            Some((items, restored)) => {
+                                let answer = answer.expect("a known order").into_inner();
+                                assert_eq!(answer.replayed, *restored);
+                                if !*restored {
+                                    for (p, q) in items.iter() {
+                                        levels[*p] += q;
+                                    }
+                                    *restored = true;
+                                }
+                            }
+                            None => assert_eq!(answer.expect_err("unknown order").code(), Code::NotFound),
+                        }
+                    }
+                }
+                for (i, product) in products.iter().enumerate() {
+                    let level = stock.get_stock(pb::GetStockRequest { product_id: product.clone() }).await.unwrap();
+                    assert_eq!(level.into_inner().level.unwrap().stock, levels[i], "{product}");
+                }
+            }
+        });
+    }
+}

@@ -690,6 +690,13 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(kind: DbKind)
 
     assert_eq!(level(&stock, "pen").await, 5);
     assert_eq!(ledger(&db, "pen").await, (0, 0));
+    // The largest quantity SQL can hold is valid input; there is just not that much stock.
+    let status = stock
+        .reduce_stock(order("huge", vec![item("pen", max)], wait))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(level(&stock, "pen").await, 5);
     // 100 items (the limit) of one product is fine: merged, it is one item of 100 units.
     let status = stock
         .reduce_stock(order("o", (0..100).map(|_| item("pen", 1)).collect(), wait))
