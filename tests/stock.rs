@@ -747,3 +747,75 @@ async fn without_group_commit_each_order_has_its_own_transaction_and_the_count_s
     assert_eq!(level(&server.stock().await, "solo").await, 0);
     assert_eq!(ledger(&db, "solo").await, (20, 20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_him() {
+    let redis = RedisServer::start();
+    let db = TestDb::new(DbKind::Sqlite).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    let mut locks = server.locks().await;
+    set(&mut stock, "kiosk", 10).await;
+    let held = locks
+        .acquire(acquire("stock/kiosk", secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A leads (waits for the lock); B and C queue behind it in the process; B gives up.
+    let spawn_order = |id: &'static str| {
+        let server_stock = stock.clone();
+        tokio::spawn(async move {
+            let mut client = server_stock;
+            client
+                .reduce_stock(order(id, vec![item("kiosk", 1)], secs(30)))
+                .await
+        })
+    };
+    let a = spawn_order("queue-a");
+    wait_until(secs(10), || {
+        let mut locks = locks.clone();
+        async move {
+            locks
+                .inspect(pb::InspectRequest {
+                    name: "stock/kiosk".into(),
+                })
+                .await
+                .unwrap()
+                .get_ref()
+                .waiters
+                == 1
+        }
+    })
+    .await;
+    let b = spawn_order("queue-b");
+    let c = spawn_order("queue-c");
+    tokio::time::sleep(ms(300)).await;
+    b.abort();
+    tokio::time::sleep(ms(100)).await;
+    locks
+        .release(pb::ReleaseRequest {
+            name: "stock/kiosk".into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
+
+    assert_eq!(a.await.unwrap().unwrap().into_inner().remaining[0].stock, 9);
+    let c = tokio::time::timeout(secs(20), c)
+        .await
+        .expect("C is served, not stranded");
+    assert!(c.unwrap().is_ok());
+    let pool = db.pool().await;
+    let mut ids: Vec<String> = sqlx::query_scalar("SELECT id FROM orders")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec!["queue-a".to_owned(), "queue-c".to_owned()],
+        "B gave up before its batch"
+    );
+    assert_eq!(level(&stock, "kiosk").await, 8);
+}

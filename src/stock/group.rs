@@ -5,9 +5,10 @@
 //! The first order to arrive for a set of products becomes the *leader*: it takes the product
 //! locks (the lock still comes before the transaction), then drains every order that queued
 //! for the same products meanwhile, applies them in one transaction, commits, releases the
-//! locks, and answers each. Orders that arrived during that transaction form the next batch,
-//! under a fresh lock hold. An order whose caller went away before the batch started is not
-//! applied; one whose deadline passed while the leader waited for the locks gets ABORTED.
+//! locks, and answers each. Then it hands leadership to the first order still queued, which
+//! serves the next batch under a fresh lock hold; so no order waits for more than the batch
+//! ahead of it and its own. An order whose caller went away before its batch started is not
+//! applied; one whose deadline passed while its leader waited for the locks gets ABORTED.
 //!
 //! Inside the transaction each order is decided in memory against the stock read at the start
 //! (minus the orders before it): enough of every item, or nothing at all. Then each product is
@@ -32,6 +33,8 @@ struct Pending {
     order: Order,
     deadline: Instant,
     answer: Answer,
+    /// Fired when this order becomes the leader of the next batch (taken when fired).
+    promote: Option<oneshot::Sender<()>>,
 }
 
 /// Orders waiting for their batch, by the product set they lock. A key is present while a
@@ -63,11 +66,13 @@ impl StockEngine {
         // A queued follower counts as a waiter on its first product's lock (load caps); a
         // leader is counted by the lock engine while it waits for the locks.
         let slot = self.locks.admission().admit(&order.items[0].0.lock)?;
-        let (answer, answered) = oneshot::channel();
+        let (answer, mut answered) = oneshot::channel();
+        let (promote, mut promoted) = oneshot::channel();
         let pending = Pending {
             order: order.clone(),
             deadline,
             answer,
+            promote: Some(promote),
         };
         let leads = {
             let mut queues = self.groups.queues();
@@ -87,76 +92,106 @@ impl StockEngine {
                 "the order's batch ended without an answer".into(),
             )))
         };
-        if leads {
-            drop(slot);
-            // The leader serves the batch to the end, even if its own caller went away (its
-            // order may then be applied; a retry with the same order_id tells).
-            let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
-            self.lead(&key, &products).await;
-            return answered.await.unwrap_or_else(|_| lost());
+        let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
+        if !leads {
+            // A follower whose caller goes away drops its channels: its leader then skips the
+            // order (unless its batch already started) and does not promote it.
+            let gone_first = tokio::select! {
+                biased;
+                result = &mut answered => return result.unwrap_or_else(|_| lost()),
+                Ok(()) = &mut promoted => false,
+                () = gone => true,
+            };
+            if gone_first {
+                // Refuse a promotion from now on; one that raced in must still be served, or
+                // the orders queued behind would wait for a leader that never comes.
+                promoted.close();
+                if promoted.try_recv().is_err() {
+                    return Err(StockError::Lock(crate::lock::LockError::Cancelled));
+                }
+            }
         }
-        // A follower whose caller goes away drops its answer channel: the leader then skips
-        // the order unless its batch already started.
-        tokio::select! {
-            result = answered => result.unwrap_or_else(|_| lost()),
-            () = gone => Err(StockError::Lock(crate::lock::LockError::Cancelled)),
+        // The leader serves its batch to the end, even if its own caller went away (its order
+        // may then be applied; a retry with the same order_id tells).
+        drop(slot);
+        self.lead(&key, &products).await;
+        answered.await.unwrap_or_else(|_| lost())
+    }
+
+    /// Serves one batch for `key` (the leader's own order is first in the queue), then hands
+    /// leadership on.
+    async fn lead(&self, key: &[ProductId], products: &[Product]) {
+        let batch: Vec<Pending> = {
+            let mut queues = self.groups.queues();
+            let Some(queue) = queues.get_mut(key) else {
+                return;
+            };
+            let take = queue.len().min(self.config.stock_max_batch as usize);
+            queue.drain(..take).collect()
+        };
+        if !batch.is_empty() {
+            self.serve(key, products, batch).await;
+        }
+        self.hand_off(key);
+    }
+
+    async fn serve(&self, key: &[ProductId], products: &[Product], batch: Vec<Pending>) {
+        metrics::histogram!(crate::telemetry::STOCK_BATCH_SIZE).record(batch.len() as f64);
+        let wait_until = batch
+            .iter()
+            .map(|p| p.deadline)
+            .max()
+            .unwrap_or_else(Instant::now);
+        let held = match self
+            .lock_all(products, wait_until, std::future::pending())
+            .await
+        {
+            Ok(held) => held,
+            Err(error) => {
+                for pending in batch {
+                    let _ = pending.answer.send(Err(error.clone()));
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(batch.len());
+        for pending in batch {
+            if pending.answer.is_closed() {
+                continue; // the caller went away: not applied
+            }
+            if pending.deadline < now {
+                let _ = pending
+                    .answer
+                    .send(Err(StockError::LockTimeout(key[0].clone())));
+                continue;
+            }
+            live.push(pending);
+        }
+        let orders: Vec<&Order> = live.iter().map(|p| &p.order).collect();
+        let results = self.apply_batch(&orders, &held).await;
+        self.unlock_all(held).await;
+        for (pending, result) in live.into_iter().zip(results) {
+            let _ = pending.answer.send(result);
         }
     }
 
-    /// Serves batches for `key` until its queue is empty.
-    async fn lead(&self, key: &[ProductId], products: &[Product]) {
-        loop {
-            let batch: Vec<Pending> = {
-                let mut queues = self.groups.queues();
-                let Some(queue) = queues.get_mut(key) else {
-                    return;
-                };
-                let take = queue.len().min(self.config.stock_max_batch as usize);
-                if take == 0 {
-                    queues.remove(key);
-                    return;
-                }
-                queue.drain(..take).collect()
-            };
-            metrics::histogram!(crate::telemetry::STOCK_BATCH_SIZE).record(batch.len() as f64);
-            let wait_until = batch
-                .iter()
-                .map(|p| p.deadline)
-                .max()
-                .unwrap_or_else(Instant::now);
-            let held = match self
-                .lock_all(products, wait_until, std::future::pending())
-                .await
+    /// Makes the first order still queued for `key` the next leader; orders whose callers went
+    /// away are dropped on the way. With nobody queued, the key goes: the next arrival leads.
+    fn hand_off(&self, key: &[ProductId]) {
+        let mut queues = self.groups.queues();
+        let Some(queue) = queues.get_mut(key) else {
+            return;
+        };
+        while let Some(front) = queue.front_mut() {
+            if let Some(promote) = front.promote.take()
+                && promote.send(()).is_ok()
             {
-                Ok(held) => held,
-                Err(error) => {
-                    for pending in batch {
-                        let _ = pending.answer.send(Err(error.clone()));
-                    }
-                    continue;
-                }
-            };
-            let now = Instant::now();
-            let mut live = Vec::with_capacity(batch.len());
-            for pending in batch {
-                if pending.answer.is_closed() {
-                    continue; // the caller went away: not applied
-                }
-                if pending.deadline < now {
-                    let _ = pending
-                        .answer
-                        .send(Err(StockError::LockTimeout(key[0].clone())));
-                    continue;
-                }
-                live.push(pending);
+                return;
             }
-            let orders: Vec<&Order> = live.iter().map(|p| &p.order).collect();
-            let results = self.apply_batch(&orders, &held).await;
-            self.unlock_all(held).await;
-            for (pending, result) in live.into_iter().zip(results) {
-                let _ = pending.answer.send(result);
-            }
+            queue.pop_front();
         }
+        queues.remove(key);
     }
 
     /// Applies `orders` (all on the same products) under `held`, one answer per order.
