@@ -357,20 +357,9 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
         tokio::spawn(async move { client.acquire(acquire(name, secs(30), secs(30))).await })
     };
     let observer = c.clone();
-    let inspect = |name: &'static str| {
-        let mut client = observer.clone();
-        async move {
-            client
-                .inspect(pb::InspectRequest { name: name.into() })
-                .await
-                .unwrap()
-                .into_inner()
-                .waiters
-        }
-    };
     let w1 = waiters(&c, "flood/a");
     let w2 = waiters(&c, "flood/a");
-    wait_until(secs(10), || async { inspect("flood/a").await == 2 }).await;
+    wait_for_waiters(&observer, "flood/a", 2, secs(10)).await;
     let status = acquire_with(&mut c, acquire("flood/a", secs(30), secs(30)))
         .await
         .unwrap_err();
@@ -389,7 +378,7 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
     );
 
     let w3 = waiters(&c, "flood/b");
-    wait_until(secs(10), || async { inspect("flood/b").await == 1 }).await;
+    wait_for_waiters(&observer, "flood/b", 1, secs(10)).await;
     let status = acquire_with(&mut c, acquire("flood/b", secs(30), secs(30)))
         .await
         .unwrap_err();
@@ -423,9 +412,9 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
     .unwrap();
     assert!(second.await.unwrap().unwrap().into_inner().acquired);
     w3.abort();
-    wait_until(secs(10), || async { inspect("flood/b").await == 0 }).await;
+    wait_for_waiters(&observer, "flood/b", 0, secs(10)).await;
     let waiting = waiters(&c, "flood/a");
-    wait_until(secs(10), || async { inspect("flood/a").await == 1 }).await;
+    wait_for_waiters(&observer, "flood/a", 1, secs(10)).await;
     waiting.abort();
 
     // Hold streams: one may be open.

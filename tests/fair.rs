@@ -22,14 +22,6 @@ fn fair(name: &str, lease: Duration, wait: Duration) -> pb::AcquireRequest {
     }
 }
 
-async fn waiters(client: &LockServiceClient<Channel>, name: &str) -> u32 {
-    let state = client
-        .clone()
-        .inspect(pb::InspectRequest { name: name.into() })
-        .await;
-    state.expect("inspect").into_inner().waiters
-}
-
 async fn release(client: &mut LockServiceClient<Channel>, name: &str, token: String) {
     client
         .release(pb::ReleaseRequest {
@@ -85,10 +77,7 @@ async fn fifty_waiters_on_three_processes_get_the_lock_in_the_order_they_joined(
             release(&mut client, NAME, grant.token).await;
         }));
         // Joined (queued in Redis) before the next one starts: the join order is 0, 1, 2, ...
-        wait_until(secs(10), || async {
-            waiters(&observer, NAME).await == i + 1
-        })
-        .await;
+        wait_for_waiters(&observer, NAME, i + 1, secs(10)).await;
     }
 
     release(&mut observer, NAME, held.token).await;
@@ -123,7 +112,7 @@ async fn a_release_wakes_only_the_head_of_the_queue_in_whichever_process_it_wait
         queued.push(tokio::spawn(async move {
             client.acquire(fair(NAME, secs(30), secs(60))).await
         }));
-        wait_until(secs(10), || async { waiters(&holder, NAME).await == i + 1 }).await;
+        wait_for_waiters(&holder, NAME, i + 1, secs(10)).await;
     }
 
     // Each waiter makes one more attempt right after it subscribed; let those settle.
@@ -149,7 +138,7 @@ async fn a_release_wakes_only_the_head_of_the_queue_in_whichever_process_it_wait
         (2..=3).contains(&calls),
         "{calls} script calls for one hand-off"
     );
-    assert_eq!(waiters(&holder, NAME).await, 8);
+    assert_eq!(inspect(&holder, NAME).await.waiters, 8);
     for waiter in queued {
         waiter.abort();
     }
@@ -172,14 +161,14 @@ async fn waiters_behind_a_killed_process_get_the_lock_within_the_purge_bound() {
     for n in 1..=2 {
         let mut client = doomed.locks().await;
         tokio::spawn(async move { client.acquire(fair(NAME, secs(30), secs(120))).await });
-        wait_until(secs(10), || async { waiters(&holder, NAME).await == n }).await;
+        wait_for_waiters(&holder, NAME, n, secs(10)).await;
     }
     let mut client = survivor.locks().await;
     let behind = tokio::spawn(async move {
         let grant = client.acquire(fair(NAME, secs(30), secs(120))).await;
         (grant, Instant::now())
     });
-    wait_until(secs(10), || async { waiters(&holder, NAME).await == 3 }).await;
+    wait_for_waiters(&holder, NAME, 3, secs(10)).await;
 
     doomed.kill9();
     let killed_at = Instant::now();
@@ -223,9 +212,9 @@ async fn fair_waiters_that_time_out_or_are_cancelled_leave_no_trace() {
     let mut cancelling = server.locks().await;
     let call =
         tokio::spawn(async move { cancelling.acquire(fair(NAME, secs(30), secs(60))).await });
-    wait_until(secs(10), || async { waiters(&holder, NAME).await == 1 }).await;
+    wait_for_waiters(&holder, NAME, 1, secs(10)).await;
     call.abort();
-    wait_until(secs(10), || async { waiters(&holder, NAME).await == 0 }).await;
+    wait_for_waiters(&holder, NAME, 0, secs(10)).await;
 
     let redis_client = redis.client().await;
     let queue: i64 = redis_client
@@ -286,10 +275,7 @@ async fn stock_goes_to_the_first_ten_of_a_hundred_buyers_in_arrival_order() {
             };
             (i, client.reduce_stock(order).await.map_err(|s| s.code()))
         }));
-        wait_until(secs(10), || async {
-            waiters(&locks, "stock/console").await == i + 1
-        })
-        .await;
+        wait_for_waiters(&locks, "stock/console", i + 1, secs(10)).await;
     }
     release(&mut locks, "stock/console", held.token).await;
 

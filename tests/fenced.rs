@@ -138,11 +138,7 @@ async fn client_loop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_exclusion_and_fences_hold_through_redis_crashes_pauses_and_stalls() {
-    let seed: u64 = std::env::var("LATCHKEY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    println!("seed {seed} (replay with LATCHKEY_TEST_SEED={seed})");
+    let seed = test_seed();
     let mut redis = RedisServer::start();
     let servers = [Latchkey::start(&redis).await, Latchkey::start(&redis).await];
     let store = Arc::new(FencedStore::default());

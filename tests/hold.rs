@@ -66,15 +66,6 @@ impl Hold {
     }
 }
 
-async fn inspect(client: &LockServiceClient<Channel>) -> pb::InspectResponse {
-    client
-        .clone()
-        .inspect(pb::InspectRequest { name: NAME.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_stream_keeps_its_lock_past_several_leases_and_releases_on_request() {
     let redis = RedisServer::start();
@@ -101,7 +92,7 @@ async fn a_hold_stream_keeps_its_lock_past_several_leases_and_releases_on_reques
         }
     }
     assert!(renewals >= 3, "only {renewals} renewals in 5 lease periods");
-    let state = inspect(&client).await;
+    let state = inspect(&client, NAME).await;
     assert!(state.held && state.fence == grant.fence, "{state:?}");
     let other = client
         .acquire(acquire(NAME, secs(30), Duration::ZERO))
@@ -124,7 +115,7 @@ async fn a_hold_stream_keeps_its_lock_past_several_leases_and_releases_on_reques
         hold.next().await.is_none(),
         "the stream ends after the release"
     );
-    assert!(!inspect(&client).await.held);
+    assert!(!inspect(&client, NAME).await.held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,10 +128,10 @@ async fn a_hold_stream_whose_client_disconnects_frees_the_lock_at_once() {
         let mut client = server.locks().await;
         let mut hold = Hold::open(&mut client, acquire(NAME, secs(30), Duration::ZERO)).await;
         assert!(hold.granted().await.acquired);
-        assert!(inspect(&observer).await.held);
+        assert!(inspect(&observer, NAME).await.held);
     }
     let gone_at = Instant::now();
-    wait_until(secs(5), || async { !inspect(&observer).await.held }).await;
+    wait_until(secs(5), || async { !inspect(&observer, NAME).await.held }).await;
     assert!(
         gone_at.elapsed() < secs(5),
         "freed at once, not at the 30 s lease end"
@@ -159,7 +150,7 @@ async fn a_hold_stream_closed_by_its_client_releases_and_says_so() {
         Some(Event::Released(released)) => assert!(released.released),
         other => panic!("expected the release, got {other:?}"),
     }
-    assert!(!inspect(&client).await.held);
+    assert!(!inspect(&client, NAME).await.held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +242,7 @@ async fn a_hold_stream_must_start_with_acquire_and_only_release_may_follow() {
     let status = hold.answers.message().await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
-        !inspect(&client).await.held,
+        !inspect(&client, NAME).await.held,
         "a broken stream gives its lock back"
     );
 }
@@ -276,16 +267,7 @@ async fn sigterm_releases_hold_locks_ends_waits_and_exits_zero_within_seconds() 
             .acquire(acquire("jobs/busy", secs(30), secs(60)))
             .await
     });
-    wait_until(secs(5), || async {
-        let state = observer
-            .clone()
-            .inspect(pb::InspectRequest {
-                name: "jobs/busy".into(),
-            })
-            .await;
-        state.unwrap().get_ref().waiters == 1
-    })
-    .await;
+    wait_for_waiters(&observer, "jobs/busy", 1, secs(5)).await;
 
     let code = tokio::task::spawn_blocking(move || process.terminate(secs(10)))
         .await
@@ -298,7 +280,7 @@ async fn sigterm_releases_hold_locks_ends_waits_and_exits_zero_within_seconds() 
     let status = waiting.await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
-        !inspect(&observer).await.held,
+        !inspect(&observer, NAME).await.held,
         "the held lock was released at shutdown"
     );
 }
@@ -335,22 +317,10 @@ async fn a_latchkey_process_killed_with_holds_and_waiters_does_not_stop_the_othe
     ] {
         let mut waiter = doomed.locks().await;
         tokio::spawn(async move { waiter.acquire(request).await });
-        wait_until(secs(10), || {
-            let mut others = others.clone();
-            async move {
-                others
-                    .inspect(pb::InspectRequest { name: name.into() })
-                    .await
-                    .unwrap()
-                    .get_ref()
-                    .waiters
-                    == 1
-            }
-        })
-        .await;
+        wait_for_waiters(&others, name, 1, secs(10)).await;
     }
     tokio::time::sleep(secs(2)).await; // the hold has been renewed past its first lease
-    assert!(inspect_named(&others, "jobs/held").await.held);
+    assert!(inspect(&others, "jobs/held").await.held);
 
     doomed.kill9();
     let killed_at = Instant::now();
@@ -397,13 +367,4 @@ async fn a_latchkey_process_killed_with_holds_and_waiters_does_not_stop_the_othe
             released_at.elapsed()
         );
     }
-}
-
-async fn inspect_named(client: &LockServiceClient<Channel>, name: &str) -> pb::InspectResponse {
-    client
-        .clone()
-        .inspect(pb::InspectRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
 }

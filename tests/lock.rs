@@ -12,18 +12,6 @@ use tonic::{Code, Request};
 
 const NAME: &str = "orders/42";
 
-async fn inspect(
-    client: &pb::lock_service_client::LockServiceClient<tonic::transport::Channel>,
-    name: &str,
-) -> pb::InspectResponse {
-    client
-        .clone()
-        .inspect(pb::InspectRequest { name: name.into() })
-        .await
-        .expect("inspect")
-        .into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_goes_to_one_caller_and_is_free_again_after_release() {
     let redis = RedisServer::start();
@@ -94,10 +82,7 @@ async fn a_release_wakes_a_waiter_within_milliseconds_although_the_lease_is_30s(
         let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
         (answer, Instant::now())
     });
-    wait_until(secs(5), || async {
-        inspect(&holder, NAME).await.waiters == 1
-    })
-    .await;
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
     tokio::time::sleep(ms(100)).await; // the waiter is asleep now
 
     let released_at = Instant::now();
@@ -140,10 +125,7 @@ async fn a_waiter_whose_unlock_message_was_lost_gets_the_lock_when_the_holders_l
         let answer = waiter.acquire(acquire(NAME, secs(30), secs(10))).await;
         (answer, Instant::now())
     });
-    wait_until(secs(5), || async {
-        inspect(&holder, NAME).await.waiters == 1
-    })
-    .await;
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
     // Behind latchkey's back: the lock vanishes and no unlock message is ever published.
     let deleted: i64 = redis
         .client()
@@ -461,15 +443,9 @@ async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
     let mut cancelling = server.locks().await;
     let call =
         tokio::spawn(async move { cancelling.acquire(acquire(NAME, secs(30), secs(20))).await });
-    wait_until(secs(5), || async {
-        inspect(&holder, NAME).await.waiters == 1
-    })
-    .await;
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
     call.abort();
-    wait_until(secs(5), || async {
-        inspect(&holder, NAME).await.waiters == 0
-    })
-    .await;
+    wait_for_waiters(&holder, NAME, 0, secs(5)).await;
 
     // Once the holder lets go, nobody may have taken the lock on behalf of the gone callers.
     holder
@@ -516,10 +492,7 @@ async fn waiters_on_one_lock_share_one_subscription_that_ends_with_the_last_wait
             .unwrap();
         }));
     }
-    wait_until(secs(10), || async {
-        inspect(&holder, NAME).await.waiters == 20
-    })
-    .await;
+    wait_for_waiters(&holder, NAME, 20, secs(10)).await;
 
     let redis_client = redis.client().await;
     let channel = "latchkey:{orders/42}:unlock";
@@ -572,10 +545,7 @@ async fn force_release_frees_a_held_lock_and_wakes_its_waiter() {
         .unwrap();
     let waiting =
         tokio::spawn(async move { waiter.acquire(acquire(NAME, secs(30), secs(20))).await });
-    wait_until(secs(5), || async {
-        inspect(&admin, NAME).await.waiters == 1
-    })
-    .await;
+    wait_for_waiters(&admin, NAME, 1, secs(5)).await;
 
     let forced_at = Instant::now();
     let forced = admin
@@ -612,10 +582,7 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
             started.elapsed(),
         )
     });
-    wait_until(secs(5), || async {
-        inspect(&holder, NAME).await.waiters == 1
-    })
-    .await;
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
 
     redis.kill9();
     let (answer, took) = waiting.await.unwrap();
@@ -653,10 +620,7 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
         let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
         (answer, Instant::now())
     });
-    wait_until(secs(5), || async {
-        inspect(&holder, NAME).await.waiters == 1
-    })
-    .await;
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
     let released_at = Instant::now();
     holder
         .release(pb::ReleaseRequest {

@@ -153,8 +153,7 @@ async fn a_hundred_units_go_to_exactly_a_hundred_of_a_thousand_buyers(kind: DbKi
 }
 
 async fn multi_item_orders_over_overlapping_products_never_deadlock_or_apply_partly(kind: DbKind) {
-    let seed: u64 = rand::rng().random();
-    println!("seed {seed} (replay: set it in this test)");
+    let seed = test_seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let redis = RedisServer::start();
     let db = TestDb::new(kind).await;
@@ -250,19 +249,7 @@ async fn the_transaction_begins_only_after_the_product_lock_is_held(kind: DbKind
             .reduce_stock(order("o-1", vec![item("gpu", 5)], secs(30)))
             .await
     });
-    let inspect = || {
-        let mut locks = locks.clone();
-        async move {
-            locks
-                .inspect(pb::InspectRequest {
-                    name: "stock/gpu".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-        }
-    };
-    wait_until(secs(10), || async { inspect().await.waiters == 1 }).await;
+    wait_for_waiters(&locks, "stock/gpu", 1, secs(10)).await;
 
     // While ReduceStock waits for the lock, the stock changes in the database. A transaction
     // begun before the lock would have read 10.
@@ -559,21 +546,7 @@ async fn set_stock_waits_for_the_product_lock(kind: DbKind) {
             })
             .await
     });
-    wait_until(secs(10), || {
-        let mut locks = locks.clone();
-        async move {
-            locks
-                .inspect(pb::InspectRequest {
-                    name: "stock/desk".into(),
-                })
-                .await
-                .unwrap()
-                .get_ref()
-                .waiters
-                == 1
-        }
-    })
-    .await;
+    wait_for_waiters(&locks, "stock/desk", 1, secs(10)).await;
     assert_eq!(
         level(&stock, "desk").await,
         1,
@@ -773,21 +746,7 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
         })
     };
     let a = spawn_order("queue-a");
-    wait_until(secs(10), || {
-        let mut locks = locks.clone();
-        async move {
-            locks
-                .inspect(pb::InspectRequest {
-                    name: "stock/kiosk".into(),
-                })
-                .await
-                .unwrap()
-                .get_ref()
-                .waiters
-                == 1
-        }
-    })
-    .await;
+    wait_for_waiters(&locks, "stock/kiosk", 1, secs(10)).await;
     let b = spawn_order("queue-b");
     let c = spawn_order("queue-c");
     tokio::time::sleep(ms(300)).await;

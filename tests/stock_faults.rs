@@ -102,11 +102,7 @@ async fn traffic(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_balances_through_a_redis_crash() {
-    let seed: u64 = std::env::var("LATCHKEY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    println!("seed {seed} (replay with LATCHKEY_TEST_SEED={seed})");
+    let seed = test_seed();
     let mut redis = RedisServer::start();
     let db = TestDb::new(DbKind::Sqlite).await;
     let servers = [

@@ -501,3 +501,37 @@ impl Drop for PgCluster {
         self.stop();
     }
 }
+
+/// The state of lock `name`, as Inspect reports it.
+pub async fn inspect(client: &LockServiceClient<Channel>, name: &str) -> pb::InspectResponse {
+    client
+        .clone()
+        .inspect(pb::InspectRequest { name: name.into() })
+        .await
+        .expect("inspect")
+        .into_inner()
+}
+
+/// Waits (at most `within`) until lock `name` reports exactly `count` waiters.
+pub async fn wait_for_waiters(
+    client: &LockServiceClient<Channel>,
+    name: &str,
+    count: u32,
+    within: Duration,
+) {
+    wait_until(within, || async {
+        inspect(client, name).await.waiters == count
+    })
+    .await;
+}
+
+/// The seed of a randomized test: LATCHKEY_TEST_SEED when set (to replay a failure), else
+/// random. Printed, so a failing run can be replayed.
+pub fn test_seed() -> u64 {
+    let seed = std::env::var("LATCHKEY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (replay with LATCHKEY_TEST_SEED={seed})");
+    seed
+}
