@@ -106,6 +106,22 @@ impl Tally {
     }
 }
 
+/// Waits for every client task, merges what they measured, and clears the progress bar.
+/// Returns the merged tally and the time since `started`.
+async fn gather(
+    mut tasks: JoinSet<Tally>,
+    started: Instant,
+    bar: &ProgressBar,
+) -> anyhow::Result<(Tally, Duration)> {
+    let mut total = Tally::new();
+    while let Some(tally) = tasks.join_next().await {
+        total.merge(tally?);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok((total, elapsed))
+}
+
 /// 64 clients, 64 names, Acquire+Release pairs over gRPC.
 pub async fn uncontended(addr: &str, duration: Duration) -> anyhow::Result<Row> {
     const CLIENTS: usize = 64;
@@ -150,12 +166,7 @@ pub async fn uncontended(addr: &str, duration: Duration) -> anyhow::Result<Row> 
             tally
         });
     }
-    let mut total = Tally::new();
-    while let Some(tally) = tasks.join_next().await {
-        total.merge(tally?);
-    }
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
+    let (total, elapsed) = gather(tasks, started, &bar).await?;
     let p99 = total.hist.value_at_quantile(0.99) as f64 / 1000.0;
     let throughput = total.ops as f64 / elapsed.as_secs_f64();
     Ok(Row::new("uncontended", "gRPC, 64 clients / 64 names")
@@ -225,12 +236,7 @@ pub async fn uncontended_floor(redis_url: &str, duration: Duration) -> anyhow::R
             tally
         });
     }
-    let mut total = Tally::new();
-    while let Some(tally) = tasks.join_next().await {
-        total.merge(tally?);
-    }
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
+    let (total, elapsed) = gather(tasks, started, &bar).await?;
     stop.cancel();
     Ok(Row::new("uncontended", "baseline: scripts, no gRPC")
         .throughput(total.ops, elapsed, "pairs/s")
@@ -349,12 +355,7 @@ pub async fn hot_lock(addr: &str, duration: Duration, fair: bool) -> anyhow::Res
             tally
         });
     }
-    let mut total = Tally::new();
-    while let Some(tally) = tasks.join_next().await {
-        total.merge(tally?);
-    }
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
+    let (total, elapsed) = gather(tasks, started, &bar).await?;
     let grants = grants.lock().expect("grant log").clone();
     let variant = if fair {
         "gRPC, fair, 64 clients / 1 name"
@@ -445,12 +446,7 @@ pub async fn hot_lock_polling(redis_url: &str, duration: Duration) -> anyhow::Re
             tally
         });
     }
-    let mut total = Tally::new();
-    while let Some(tally) = tasks.join_next().await {
-        total.merge(tally?);
-    }
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
+    let (total, elapsed) = gather(tasks, started, &bar).await?;
     let grants = grants.lock().expect("grant log").clone();
     let row = Row::new("hot-lock", "baseline: SET NX + 10 ms polling")
         .throughput(total.ops, elapsed, "grants/s")
@@ -514,12 +510,7 @@ pub async fn reduce_stock(
             tally
         });
     }
-    let mut total = Tally::new();
-    while let Some(tally) = tasks.join_next().await {
-        total.merge(tally?);
-    }
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
+    let (total, elapsed) = gather(tasks, started, &bar).await?;
     let sold = *sold.lock().expect("sold");
     let left = admin
         .get_stock(pb::GetStockRequest {
