@@ -101,6 +101,18 @@ fn not_owner_message(why: NotOwner) -> &'static str {
     }
 }
 
+/// Counts a finished wait: granted (true), timed out (false), or why it failed.
+fn count_wait(granted: Result<bool, &LockError>) {
+    let outcome = match granted {
+        Ok(true) => "granted",
+        Ok(false) => "timed_out",
+        Err(LockError::Cancelled) => "cancelled",
+        Err(LockError::ShuttingDown) => "shutting_down",
+        Err(_) => "error",
+    };
+    metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => outcome).increment(1);
+}
+
 /// The engine shared by the gRPC services (and the stock engine).
 pub struct LockEngine {
     store: LockStore,
@@ -254,14 +266,7 @@ impl LockEngine {
                 () = self.shutdown.cancelled() => break Err(LockError::ShuttingDown),
             }
         };
-        let wait_outcome = match &outcome {
-            Ok(Acquired::Granted(_)) => "granted",
-            Ok(Acquired::TimedOut { .. }) => "timed_out",
-            Err(LockError::Cancelled) => "cancelled",
-            Err(LockError::ShuttingDown) => "shutting_down",
-            Err(_) => "error",
-        };
-        metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => wait_outcome).increment(1);
+        count_wait(outcome.as_ref().map(|a| matches!(a, Acquired::Granted(_))));
         if !matches!(outcome, Ok(Acquired::Granted(_))) {
             // The entry would lapse at our deadline anyway; removing it keeps Inspect exact.
             if let Err(error) = self.store.leave_waiters(name, &waiter_id).await {
@@ -341,14 +346,7 @@ impl LockEngine {
             }
         }
         .await;
-        let wait_outcome = match &outcome {
-            Ok(Ok(_)) => "granted",
-            Ok(Err(_)) => "timed_out",
-            Err(LockError::Cancelled) => "cancelled",
-            Err(LockError::ShuttingDown) => "shutting_down",
-            Err(_) => "error",
-        };
-        metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => wait_outcome).increment(1);
+        count_wait(outcome.as_ref().map(Result::is_ok));
         if !matches!(outcome, Ok(Ok(_)))
             && let Err(error) = self.store.fair_leave(name, &waiter_id).await
         {

@@ -239,51 +239,13 @@ impl StockEngine {
         }
 
         let mut results = Vec::with_capacity(orders.len());
-        let mut applied: HashMap<&OrderId, Applied> = HashMap::new();
-        let mut recorded: Vec<(&OrderId, Vec<store::RecordedItem>)> = Vec::new();
+        // Orders applied earlier in this batch, as they will be stored.
+        let mut applied: HashMap<&OrderId, store::StoredOrder> = HashMap::new();
+        let mut applied_in_order: Vec<&OrderId> = Vec::new();
         for order in orders {
-            let replay_of = |items: &[(ProductId, Units)]| {
-                items.len() == order.items.len()
-                    && items
-                        .iter()
-                        .zip(&order.items)
-                        .all(|((p, q), (product, quantity))| p == &product.id && q == quantity)
-            };
-            if let Some(previous) = stored.get(&order.id) {
-                let items: Vec<(ProductId, Units)> = previous
-                    .items
-                    .iter()
-                    .map(|(p, q, _)| (p.clone(), *q))
-                    .collect();
-                results.push(if replay_of(&items) {
-                    Ok(Applied {
-                        levels: previous
-                            .items
-                            .iter()
-                            .map(|(p, _, left)| (p.clone(), *left))
-                            .collect(),
-                        replayed: true,
-                    })
-                } else {
-                    Err(StockError::OrderIdReused(order.id.clone()))
-                });
-                continue;
-            }
-            if let Some(first) = applied.get(&order.id) {
-                // The same order twice in one batch (a double click): the second is a replay.
-                let items: Vec<(ProductId, Units)> = recorded
-                    .iter()
-                    .find(|(id, _)| *id == &order.id)
-                    .map(|(_, items)| items.iter().map(|(p, q, _)| (p.clone(), *q)).collect())
-                    .unwrap_or_default();
-                results.push(if replay_of(&items) {
-                    Ok(Applied {
-                        levels: first.levels.clone(),
-                        replayed: true,
-                    })
-                } else {
-                    Err(StockError::OrderIdReused(order.id.clone()))
-                });
+            // Already applied before, or earlier in this batch (a double click): a replay.
+            if let Some(previous) = stored.get(&order.id).or_else(|| applied.get(&order.id)) {
+                results.push(previous.replay(order));
                 continue;
             }
             if let Some(product) = &missing {
@@ -324,16 +286,22 @@ impl StockEngine {
                     .collect(),
                 replayed: false,
             };
-            applied.insert(&order.id, answer.clone());
             results.push(Ok(answer));
-            recorded.push((&order.id, items));
+            applied_in_order.push(&order.id);
+            applied.insert(
+                &order.id,
+                store::StoredOrder {
+                    items,
+                    restored: false,
+                },
+            );
         }
 
-        if !recorded.is_empty() {
+        if !applied.is_empty() {
             self.fault_delay().await;
             let mut taken: BTreeMap<&ProductId, i64> = BTreeMap::new();
-            for (_, items) in &recorded {
-                for (product, quantity, _) in items {
+            for order in applied.values() {
+                for (product, quantity, _) in &order.items {
                     *taken.entry(product).or_insert(0) += quantity.get();
                 }
             }
@@ -349,6 +317,10 @@ impl StockEngine {
                     return Err(StockError::LeaseLost(product.clone()));
                 }
             }
+            let recorded: Vec<(&OrderId, &[store::RecordedItem])> = applied_in_order
+                .iter()
+                .map(|id| (*id, applied[id].items.as_slice()))
+                .collect();
             store::insert_orders(&mut tx, &recorded, store::now_ms()).await?;
             self.commit(tx, held).await?;
         }

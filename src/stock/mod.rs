@@ -92,6 +92,30 @@ fn describe_shortages(shortages: &[Shortage]) -> String {
         .join("; ")
 }
 
+impl store::StoredOrder {
+    /// The answer to `order` arriving again with this order's id: the original result when it
+    /// has the same items, ALREADY_EXISTS when the id was used for other items.
+    fn replay(&self, order: &Order) -> Result<Applied, StockError> {
+        let same_items = self.items.len() == order.items.len()
+            && self
+                .items
+                .iter()
+                .zip(&order.items)
+                .all(|((p, q, _), (product, quantity))| p == &product.id && q == quantity);
+        if !same_items {
+            return Err(StockError::OrderIdReused(order.id.clone()));
+        }
+        Ok(Applied {
+            levels: self
+                .items
+                .iter()
+                .map(|(p, _, left)| (p.clone(), *left))
+                .collect(),
+            replayed: true,
+        })
+    }
+}
+
 /// Product locks held for one operation, in lock order.
 struct Held(Vec<(Product, Grant)>);
 
@@ -190,23 +214,7 @@ impl StockEngine {
     async fn reduce_locked(&self, order: &Order, held: &Held) -> Result<Applied, StockError> {
         let mut tx = self.store.begin().await?;
         if let Some(stored) = store::find_order(&mut tx, &order.id).await? {
-            let same_items = stored.items.len() == order.items.len()
-                && stored
-                    .items
-                    .iter()
-                    .zip(&order.items)
-                    .all(|((p, q, _), (product, quantity))| p == &product.id && q == quantity);
-            if !same_items {
-                return Err(StockError::OrderIdReused(order.id.clone()));
-            }
-            return Ok(Applied {
-                levels: stored
-                    .items
-                    .into_iter()
-                    .map(|(p, _, left)| (p, left))
-                    .collect(),
-                replayed: true,
-            });
+            return stored.replay(order);
         }
 
         let mut shortages = Vec::new();
@@ -234,7 +242,13 @@ impl StockEngine {
                 .ok_or_else(|| StockError::LeaseLost(product.id.clone()))?;
             recorded.push((product.id.clone(), *quantity, left));
         }
-        match store::insert_order(&mut tx, &order.id, &recorded, store::now_ms()).await {
+        match store::insert_orders(
+            &mut tx,
+            &[(&order.id, recorded.as_slice())],
+            store::now_ms(),
+        )
+        .await
+        {
             Err(DbError::Duplicate(_)) => return Err(StockError::OrderIdReused(order.id.clone())),
             other => other?,
         }

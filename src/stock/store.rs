@@ -157,30 +157,7 @@ impl StockStore {
 
 /// The order `id` as stored, read inside `tx`.
 pub async fn find_order(tx: &mut Tx, id: &OrderId) -> Result<Option<StoredOrder>, DbError> {
-    let rows = sqlx::query(
-        "SELECT o.restored_ms, i.product_id, i.quantity, i.remaining \
-         FROM orders o JOIN order_items i ON i.order_id = o.id WHERE o.id = $1",
-    )
-    .bind(id.as_str())
-    .fetch_all(&mut **tx)
-    .await?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let restored = first.try_get::<Option<i64>, _>(0)?.is_some();
-    let mut items = rows
-        .iter()
-        .map(|row| {
-            Ok((
-                ProductId::from_stored(row.try_get(1)?),
-                Units::from_stored(row.try_get(2)?),
-                Units::from_stored(row.try_get(3)?),
-            ))
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    // Rust's byte order, not the database collation: it is the order `Order` uses.
-    items.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Some(StoredOrder { items, restored }))
+    Ok(find_orders(tx, &[id]).await?.remove(id))
 }
 
 /// The stored orders among `ids`, read inside `tx` (one query).
@@ -225,7 +202,7 @@ pub async fn find_orders(
 /// Records many applied orders with few statements (multi-row INSERTs).
 pub async fn insert_orders(
     tx: &mut Tx,
-    orders: &[(&OrderId, Vec<RecordedItem>)],
+    orders: &[(&OrderId, &[RecordedItem])],
     now_ms: i64,
 ) -> Result<(), DbError> {
     for chunk in orders.chunks(PARAMS_PER_STATEMENT / 2) {
@@ -344,30 +321,6 @@ pub async fn set_stock(
     .execute(&mut **tx)
     .await?;
     Ok(written.rows_affected() == 1)
-}
-
-/// Records an applied order with, per item, the stock left right after it.
-pub async fn insert_order(
-    tx: &mut Tx,
-    id: &OrderId,
-    items: &[RecordedItem],
-    now_ms: i64,
-) -> Result<(), DbError> {
-    sqlx::query("INSERT INTO orders (id, created_ms) VALUES ($1, $2)")
-        .bind(id.as_str())
-        .bind(now_ms)
-        .execute(&mut **tx)
-        .await?;
-    for (product, quantity, remaining) in items {
-        sqlx::query("INSERT INTO order_items (order_id, product_id, quantity, remaining) VALUES ($1, $2, $3, $4)")
-            .bind(id.as_str())
-            .bind(product.as_str())
-            .bind(quantity.get())
-            .bind(remaining.get())
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
 }
 
 /// Marks an order restored. False when it already was.
