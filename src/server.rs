@@ -9,9 +9,8 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
@@ -91,8 +90,10 @@ pub async fn run(
     info!(listen = %listener.local_addr()?, redis = %config.redis.redis_url, "latchkey serving");
 
     let stopping = stop.clone();
+    // Small replies must leave at once, not wait behind Nagle's algorithm for an ACK. (The
+    // builder's own tcp_nodelay only applies to listeners it binds itself.)
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
-        .tcp_nodelay(true)
         // Detects clients that vanished without closing (network gone, host frozen), so their
         // Hold streams release instead of renewing forever.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -102,7 +103,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(lock_api.into_service())
         .add_service(stock_api.into_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             info!("shutting down: ending waits, releasing held locks, draining connections");
             stopping.cancel();
