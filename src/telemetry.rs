@@ -10,6 +10,8 @@ pub const ACQUIRE_SECONDS: &str = "latchkey_acquire_seconds";
 pub const WAITS_STARTED: &str = "latchkey_waits_started_total";
 /// Counter of finished waits; label `outcome`: granted, timed_out, cancelled, shutting_down, error.
 pub const WAIT_OUTCOMES: &str = "latchkey_wait_outcomes_total";
+/// Counter of locks a release handed straight to a waiter of this process.
+pub const HAND_OFFS: &str = "latchkey_hand_offs_total";
 /// Gauge of locks held by this process's open Hold streams.
 pub const LIVE_HOLDS: &str = "latchkey_live_holds";
 /// Counter of failed Redis calls; label `op`.

@@ -36,7 +36,9 @@ if reenter then
 end
 
 if live then
-  if waiter ~= '' then
+  -- A waiter never registers for a lock a release just handed to it (owner == token): its
+  -- grant reaches it through its latchkey process, not through this script.
+  if waiter ~= '' and owner ~= token then
     redis.call('ZREMRANGEBYSCORE', waiters_key, '-inf', now_ms)
     redis.call('ZADD', waiters_key, int(now_ms + wait_ms), waiter)
     if redis.call('PTTL', waiters_key) < wait_ms then

@@ -12,8 +12,9 @@
 -- Returns
 --   {1, fence, 1, lease_ms, queued_at}  granted: the lock was free and the caller first in
 --                                   line; queued_at is its join order (0: it never queued)
---   {0, holder_ttl_ms, position}    not granted (holder_ttl_ms 0: free, but others are ahead);
---                                   position is the 0-based place in the queue, -1 if not queued
+--   {0, holder_ttl_ms, position, order}  not granted (holder_ttl_ms 0: free, but others are
+--                                   ahead); position is the 0-based place in the queue, -1 if
+--                                   not queued; order its join order (0 if not queued)
 --
 -- The lock goes to the first live waiter of the queue, in join order. Entries of waiters whose
 -- process died lapse after `alive` ms and are skipped (see fair_head in prelude.lua).
@@ -23,7 +24,12 @@ local token, lease_ms, linger_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local joins, alive_ms = ARGV[4] == '1', tonumber(ARGV[5])
 
 local now_ms, now_us = redis_now()
-local _, _, fence, until_ms, live = read_lock(lock_key, now_ms)
+local owner, _, fence, until_ms, live = read_lock(lock_key, now_ms)
+if live and owner == token then
+  -- A release just handed the lock to this waiter; its latchkey process tells it. It must
+  -- not join the queue again.
+  return {0, until_ms - now_ms, -1, 0}
+end
 local head = fair_head(queue_key, waiters_key, now_ms)
 
 if not live and (head == nil or head == token) then
@@ -53,4 +59,5 @@ end
 local ttl = 0
 if live then ttl = until_ms - now_ms end
 local position = redis.call('ZRANK', queue_key, token)
-return {0, ttl, position or -1}
+local order = tonumber(redis.call('ZSCORE', queue_key, token)) or 0
+return {0, ttl, position or -1, order}

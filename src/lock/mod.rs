@@ -16,6 +16,11 @@
 //! - **Fair locks** are granted in the order waiters joined the lock's queue in Redis; only the
 //!   head is woken; a departed waiter leaves the queue at once, a dead process's waiters lapse
 //!   within 4/3 of `fair_waiter_timeout` (see `fair`).
+//! - **Hand-off.** A release made in this process gives the lock straight to a waiter of this
+//!   process when `release.lua` finds that waiter next in line (the fair queue's head, or, for a
+//!   plain lock, any local waiter when no other replica has one): one script instead of free,
+//!   publish, wake, retry. The waiter is told in-process; if it left meanwhile, the lock is
+//!   released again on its behalf (and may be handed on), so a hand-off never strands a lock.
 //!
 //! Layout: `request` (typed, validated inputs), `store` (Redis keys and scripts), `waiters`
 //! (pub/sub wake-ups), `fair` (the queue refresher).
@@ -36,8 +41,8 @@ pub use request::{AcquireRequest, Invalid, Lease, LockName, Token, WaitTimeout};
 pub use store::{LockState, NotOwner, Released, StoreError};
 
 use crate::telemetry;
-use store::{Attempt, LockStore};
-use waiters::Waiters;
+use store::{Attempt, LockStore, ReleaseReply};
+use waiters::{Offer, Place, Ticket, Waiters};
 
 /// A lock granted to a caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +118,30 @@ fn count_wait(granted: Result<bool, &LockError>) {
     metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => outcome).increment(1);
 }
 
+/// What one release script did for its caller.
+enum Step {
+    Released(Released),
+    /// The lock went to a waiter that had already left: it must be released for that token.
+    Orphaned(Token),
+}
+
+impl Step {
+    fn released(self) -> Released {
+        match self {
+            Step::Released(released) => released,
+            // The caller's hold is gone either way.
+            Step::Orphaned(_) => Released::Free,
+        }
+    }
+
+    fn orphaned(&self) -> Option<Token> {
+        match self {
+            Step::Orphaned(token) => Some(*token),
+            Step::Released(_) => None,
+        }
+    }
+}
+
 /// The engine shared by the gRPC services (and the stock engine).
 pub struct LockEngine {
     store: LockStore,
@@ -164,7 +193,7 @@ impl LockEngine {
     /// Acquires `req.name`, waiting until `deadline` at the latest. `gone` resolves when the
     /// caller no longer wants the lock; the engine then stops waiting and returns `Cancelled`.
     pub async fn acquire(
-        &self,
+        self: &Arc<Self>,
         req: &AcquireRequest,
         deadline: Instant,
         gone: impl Future<Output = ()>,
@@ -186,7 +215,7 @@ impl LockEngine {
     }
 
     async fn acquire_inner(
-        &self,
+        self: &Arc<Self>,
         req: &AcquireRequest,
         deadline: Instant,
         gone: impl Future<Output = ()>,
@@ -215,28 +244,37 @@ impl LockEngine {
                 });
         }
 
-        // Fast path: an uncontended lock costs one script and no subscription.
-        let mut holder_ttl = match self.attempt(name, token, reenter, req.lease, None).await? {
-            Attempt::Granted(g) => return Ok(grant(g)),
-            Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
-            Attempt::Busy { holder_ttl } => holder_ttl,
-        };
-        if Instant::now() >= deadline {
-            return Ok(Acquired::TimedOut { holder_ttl });
+        // Fast path: an uncontended lock costs one script and no subscription. A caller that
+        // may wait on a lock this process already waits on (contended, subscription in place)
+        // goes straight to the waiting loop instead: one script instead of two.
+        let channel = self.store.keys(name).channel;
+        let contended = !reenter && Instant::now() < deadline && self.waiters.is_watched(&channel);
+        let mut holder_ttl = Duration::ZERO;
+        let mut waited = false;
+        if !contended {
+            holder_ttl = match self.attempt(name, token, reenter, req.lease, None).await? {
+                Attempt::Granted(g) => return Ok(grant(g)),
+                Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
+                Attempt::Busy { holder_ttl } => holder_ttl,
+            };
+            if Instant::now() >= deadline {
+                return Ok(Acquired::TimedOut { holder_ttl });
+            }
+            waited = true;
+            metrics::counter!(telemetry::WAITS_STARTED).increment(1);
         }
 
         let _slot = self.admission.admit(name)?;
         tokio::pin!(gone);
-        let channel = self.store.keys(name).channel;
         let interest = tokio::select! {
             interest = self.waiters.watch(&channel) => interest,
             () = sleep_until(deadline) => return Ok(Acquired::TimedOut { holder_ttl }),
             () = &mut gone => return Err(LockError::Cancelled),
             () = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
         };
-        metrics::counter!(telemetry::WAITS_STARTED).increment(1);
         // The token is unique to this request, so it doubles as the waiter id.
         let waiter_id = token.to_string();
+        let mut line: Option<Ticket> = None;
         let outcome = loop {
             let notified = interest.notified();
             tokio::pin!(notified);
@@ -252,6 +290,11 @@ impl LockEngine {
                 Ok(Attempt::Refused(why)) => break Err(LockError::NotOwner(why)),
                 Err(error) => break Err(error),
             }
+            if !std::mem::replace(&mut waited, true) {
+                metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+            }
+            // Registered in Redis as a waiter now: a local release may hand us the lock.
+            let line = line.get_or_insert_with(|| interest.line_up(token, req.lease, Place::Plain));
             let now = Instant::now();
             if now >= deadline {
                 break Ok(Acquired::TimedOut { holder_ttl });
@@ -260,13 +303,24 @@ impl LockEngine {
             // message was lost, but never past our own deadline.
             let wake_at = (now + holder_ttl + TTL_SLACK).min(deadline);
             tokio::select! {
+                biased;
+                handed = line.handed() => break Ok(grant(handed)),
                 () = &mut notified => {}
                 () = sleep_until(wake_at) => {}
                 () = &mut gone => break Err(LockError::Cancelled),
                 () = self.shutdown.cancelled() => break Err(LockError::ShuttingDown),
             }
         };
-        count_wait(outcome.as_ref().map(|a| matches!(a, Acquired::Granted(_))));
+        let outcome = match line.and_then(Ticket::leave) {
+            Some(handed) => {
+                self.late_hand_off(name, token, outcome, handed, grant)
+                    .await
+            }
+            None => outcome,
+        };
+        if waited {
+            count_wait(outcome.as_ref().map(|a| matches!(a, Acquired::Granted(_))));
+        }
         if !matches!(outcome, Ok(Acquired::Granted(_))) {
             // The entry would lapse at our deadline anyway; removing it keeps Inspect exact.
             if let Err(error) = self.store.leave_waiters(name, &waiter_id).await {
@@ -280,7 +334,7 @@ impl LockEngine {
     /// The fair path: queue in Redis, wait to be named head, take the lock.
     /// Ok(Ok(grant)) or Ok(Err(holder_ttl)) when the wait ran out.
     async fn acquire_fair(
-        &self,
+        self: &Arc<Self>,
         req: &AcquireRequest,
         token: Token,
         deadline: Instant,
@@ -299,31 +353,60 @@ impl LockEngine {
                 .await
                 .map_err(|e| self.store_error("fair_acquire", e))
         };
-        let mut holder_ttl = match attempt(waits).await? {
-            Attempt::Granted(g) => return Ok(Ok(g)),
-            Attempt::Busy { holder_ttl } if !waits => return Ok(Err(holder_ttl)),
-            Attempt::Busy { holder_ttl } => holder_ttl,
-            Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
-        };
-        // From here on we are in the queue: every way out must leave it.
+        // As for plain locks: a contended lock (this process already waits on it, subscribed)
+        // skips the first try and joins the queue in the loop's first script.
+        let channel = self.store.keys(name).channel;
+        let contended = waits && self.waiters.is_watched(&channel);
+        let mut holder_ttl = Duration::ZERO;
+        let mut waited = false;
+        if !contended {
+            holder_ttl = match attempt(waits).await?.0 {
+                Attempt::Granted(g) => return Ok(Ok(g)),
+                Attempt::Busy { holder_ttl } if !waits => return Ok(Err(holder_ttl)),
+                Attempt::Busy { holder_ttl } => holder_ttl,
+                Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
+            };
+            waited = true;
+            metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+        }
+        // From here on we may be in the queue: every way out must leave it.
         let waiter_id = token.to_string();
         let _queued = self.fair.join(name, &waiter_id);
-        metrics::counter!(telemetry::WAITS_STARTED).increment(1);
         tokio::pin!(gone);
-        let channel = self.store.keys(name).channel;
+        let interest = tokio::select! {
+            interest = self.waiters.watch(&channel) => Some(interest),
+            () = sleep_until(deadline) => None,
+            () = &mut gone => None,
+            () = self.shutdown.cancelled() => None,
+        };
+        let mut line: Option<Ticket> = None;
         let outcome = async {
-            let interest = tokio::select! {
-                interest = self.waiters.watch(&channel) => interest,
-                () = sleep_until(deadline) => return Ok(Err(holder_ttl)),
-                () = &mut gone => return Err(LockError::Cancelled),
-                () = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
+            let Some(interest) = &interest else {
+                return if self.shutdown.is_cancelled() {
+                    Err(LockError::ShuttingDown)
+                } else if Instant::now() >= deadline {
+                    Ok(Err(holder_ttl))
+                } else {
+                    Err(LockError::Cancelled)
+                };
             };
             let ticket = interest.fair_ticket(&waiter_id);
             loop {
                 match attempt(true).await? {
-                    Attempt::Granted(g) => return Ok(Ok(g)),
-                    Attempt::Busy { holder_ttl: ttl } => holder_ttl = ttl,
-                    Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
+                    (Attempt::Granted(g), _) => return Ok(Ok(g)),
+                    (Attempt::Busy { holder_ttl: ttl }, order) => {
+                        holder_ttl = ttl;
+                        if !std::mem::replace(&mut waited, true) {
+                            metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+                        }
+                        // Queued in Redis: a local release may hand us the lock when we are
+                        // first in line. (order 0: the lock was just handed to us; the line
+                        // we stand in already carries it.)
+                        if line.is_none() && order != 0 {
+                            line = Some(interest.line_up(token, req.lease, Place::Fair(order)));
+                        }
+                    }
+                    (Attempt::Refused(why), _) => return Err(LockError::NotOwner(why)),
                 }
                 let now = Instant::now();
                 if now >= deadline {
@@ -337,7 +420,15 @@ impl LockEngine {
                 } else {
                     (now + holder_ttl + TTL_SLACK).min(deadline)
                 };
+                let handed = async {
+                    match line.as_mut() {
+                        Some(line) => line.handed().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    biased;
+                    handed = handed => return Ok(Ok(handed)),
                     () = ticket.notified() => {}
                     () = sleep_until(wake_at) => {}
                     () = &mut gone => return Err(LockError::Cancelled),
@@ -346,7 +437,14 @@ impl LockEngine {
             }
         }
         .await;
-        count_wait(outcome.as_ref().map(Result::is_ok));
+        let outcome = match line.and_then(Ticket::leave) {
+            Some(handed) => self.late_hand_off(name, token, outcome, handed, Ok).await,
+            None => outcome,
+        };
+        drop(interest);
+        if waited {
+            count_wait(outcome.as_ref().map(Result::is_ok));
+        }
         if !matches!(outcome, Ok(Ok(_)))
             && let Err(error) = self.store.fair_leave(name, &waiter_id).await
         {
@@ -369,12 +467,103 @@ impl LockEngine {
             .map_err(|e| self.store_error("acquire", e))
     }
 
-    /// Gives back one hold; the lock is free (and waiters woken) when none is left.
-    pub async fn release(&self, name: &LockName, token: Token) -> Result<Released, LockError> {
-        match self.store.release(name, token).await {
-            Ok(Ok(released)) => Ok(released),
+    /// Gives back one hold. When none is left, the lock goes to a waiter of this process if it
+    /// is next in line (see the module docs), else it is freed and waiters are woken.
+    pub async fn release(
+        self: &Arc<Self>,
+        name: &LockName,
+        token: Token,
+    ) -> Result<Released, LockError> {
+        let channel = self.store.keys(name).channel;
+        let Some(offer) = self.waiters.offer(&channel) else {
+            return self
+                .release_once(name, token, None)
+                .await
+                .map(Step::released);
+        };
+        // Once the script may hand the lock over, the waiter must hear of it even if our own
+        // caller stops waiting for us (a cancelled RPC drops this future): finish in a task.
+        let engine = self.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            let first = engine.release_once(&name, token, Some(offer)).await;
+            let mut orphaned = first.as_ref().ok().and_then(Step::orphaned);
+            while let Some(token) = orphaned {
+                let offer = engine.waiters.offer(&channel);
+                orphaned = match engine.release_once(&name, token, offer).await {
+                    Ok(step) => step.orphaned(),
+                    Err(error) => {
+                        warn!(lock = %name, %error, "could not release a lock handed to a waiter that left; it frees at lease end");
+                        None
+                    }
+                };
+            }
+            first.map(Step::released)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(LockError::Store(StoreError::Unexpected(format!(
+                "the release task failed: {e}"
+            ))))
+        })
+    }
+
+    /// One release script, offering the lock to `offer`'s candidate if there is one. The offer
+    /// goes back into the line unless the lock was handed to it.
+    async fn release_once(
+        &self,
+        name: &LockName,
+        token: Token,
+        offer: Option<Offer>,
+    ) -> Result<Step, LockError> {
+        let hand_off = offer.as_ref().map(Offer::hand_off);
+        let reply = self.store.release(name, token, hand_off).await;
+        let reply = match (reply, offer) {
+            (Ok(Ok(ReleaseReply::Handed(granted))), Some(offer)) => {
+                let to = offer.candidate.token;
+                metrics::counter!(telemetry::HAND_OFFS).increment(1);
+                return Ok(match offer.candidate.deliver(granted) {
+                    Ok(()) => Step::Released(Released::Free),
+                    Err(_) => Step::Orphaned(to),
+                });
+            }
+            (reply, offer) => {
+                if let Some(offer) = offer {
+                    offer.decline();
+                }
+                reply
+            }
+        };
+        match reply {
+            Ok(Ok(ReleaseReply::Released(released))) => Ok(Step::Released(released)),
+            Ok(Ok(ReleaseReply::Handed(_))) => Err(self.store_error(
+                "release",
+                StoreError::Unexpected("release.lua handed the lock to nobody".into()),
+            )),
             Ok(Err(why)) => Err(LockError::NotOwner(why)),
             Err(e) => Err(self.store_error("release", e)),
+        }
+    }
+
+    /// A hand-off reached a waiter just as it stopped waiting with `outcome`. If its caller is
+    /// gone or the server is stopping, the lock is released again (and maybe handed on);
+    /// otherwise the waiter takes it.
+    async fn late_hand_off<T>(
+        self: &Arc<Self>,
+        name: &LockName,
+        token: Token,
+        outcome: Result<T, LockError>,
+        handed: store::Granted,
+        take: impl FnOnce(store::Granted) -> T,
+    ) -> Result<T, LockError> {
+        match outcome {
+            Err(LockError::Cancelled | LockError::ShuttingDown) => {
+                if let Err(error) = self.release(name, token).await {
+                    warn!(lock = %name, %error, "could not release a lock handed to a waiter that left; it frees at lease end");
+                }
+                outcome
+            }
+            _ => Ok(take(handed)),
         }
     }
 
@@ -410,7 +599,7 @@ impl LockEngine {
     /// Keeps `grant` alive, renewing it every lease/3 (calling `renewed` with the new lease),
     /// until `stop` resolves (then releases it and returns `Stopped`) or the lock is lost.
     pub async fn hold<T>(
-        &self,
+        self: &Arc<Self>,
         name: &LockName,
         grant: &Grant,
         lease: Lease,

@@ -1,4 +1,5 @@
--- release.lua: give back one hold; free the lock and notify waiters when none is left.
+-- release.lua: give back one hold; when none is left, hand the lock to a waiter of the caller's
+-- latchkey process, or free it and notify waiters.
 --
 -- KEYS[1]  PREFIX:{name}:lock
 -- KEYS[2]  PREFIX:{name}:waiters
@@ -6,15 +7,28 @@
 -- ARGV[1]  token
 -- ARGV[2]  linger in ms
 -- ARGV[3]  unlock channel, PREFIX:{name}:unlock
+-- ARGV[4]  candidate: the token of a waiter in the caller's process to hand the lock to, or ''
+-- ARGV[5]  the candidate's lease in ms
+-- ARGV[6]  'fair' if the candidate queued fairly, 'plain' otherwise
+-- ARGV[7]  how many plain waiters the caller's process has on this lock (candidate included)
+--
+-- The hand-off keeps every promise a free-for-all would: a fair candidate gets the lock only if
+-- it is the first live waiter of the queue; a plain one only if no fair waiter queues and every
+-- live plain waiter is in the caller's process (so no waiter of another replica is passed
+-- over by a hand-off: those are served by the 'released' message instead).
 --
 -- Returns
---   {1, 0}             the lock is free now; 'released' (or 'w:' .. the fair head) was published
---   {0, holds_left}    still held by the same owner
---   {-1} / {-2} / {-3} not held / held by another owner / expired; nothing changed
+--   {1, 0}                           the lock is free now; 'released' (or 'w:' .. the fair
+--                                    head) was published
+--   {2, fence, lease_ms, queued_at}  handed to the candidate, with this fence and lease
+--   {0, holds_left}                  still held by the same owner
+--   {-1} / {-2} / {-3}               not held / held by another owner / expired; nothing changed
 
-local lock_key, token, linger_ms, channel = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local now_ms = redis_now()
-local owner, holds, _, _, live = read_lock(lock_key, now_ms)
+local lock_key, waiters_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
+local token, linger_ms, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local candidate, candidate_lease_ms = ARGV[4], tonumber(ARGV[5])
+local now_ms, now_us = redis_now()
+local owner, holds, fence, _, live = read_lock(lock_key, now_ms)
 
 local why = ownership(owner, live, token)
 if why ~= 0 then return {why} end
@@ -24,5 +38,28 @@ if holds > 1 then
   return {0, holds - 1}
 end
 
-free_lock(lock_key, KEYS[2], KEYS[3], now_ms, linger_ms, channel, 'released')
+if candidate ~= '' then
+  local head = fair_head(queue_key, waiters_key, now_ms)
+  local eligible
+  if ARGV[6] == 'fair' then
+    eligible = head == candidate
+  else
+    redis.call('ZREMRANGEBYSCORE', waiters_key, '-inf', now_ms)
+    eligible = head == nil
+      and redis.call('ZSCORE', waiters_key, candidate) ~= false
+      and redis.call('ZCARD', waiters_key) <= tonumber(ARGV[7])
+  end
+  if eligible then
+    local queued_at = tonumber(redis.call('ZSCORE', queue_key, candidate)) or 0
+    redis.call('ZREM', queue_key, candidate)
+    redis.call('ZREM', waiters_key, candidate)
+    fence = math.max(fence + 1, now_us)
+    redis.call('HSET', lock_key, 'owner', candidate, 'holds', 1, 'fence', int(fence),
+      'until', int(now_ms + candidate_lease_ms))
+    redis.call('PEXPIRE', lock_key, candidate_lease_ms + linger_ms)
+    return {2, fence, candidate_lease_ms, queued_at}
+  end
+end
+
+free_lock(lock_key, waiters_key, queue_key, now_ms, linger_ms, channel, 'released')
 return {1, 0}

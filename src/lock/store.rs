@@ -60,10 +60,28 @@ pub enum Attempt {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Released {
-    /// The lock is free now.
+    /// The caller no longer holds the lock: it is free, or was handed to a waiter.
     Free,
     /// The owner still has this many holds.
     StillHeld(u32),
+}
+
+/// A waiter a release may hand the lock to (see `release.lua`).
+#[derive(Debug, Clone, Copy)]
+pub struct HandOff {
+    pub to: Token,
+    pub lease: Lease,
+    pub fair: bool,
+    /// Plain waiters the caller's process has on the lock, `to` included.
+    pub plain_waiters: usize,
+}
+
+/// What a release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReply {
+    Released(Released),
+    /// The last hold was given back and the lock now belongs to the hand-off's waiter.
+    Handed(Granted),
 }
 
 /// What Inspect shows.
@@ -227,23 +245,51 @@ impl LockStore {
         Ok(())
     }
 
+    /// Gives back one hold of `token`. With `hand_off`, a lock left without holds goes straight
+    /// to that waiter when `release.lua` finds it eligible (see there), instead of being freed.
     pub async fn release(
         &self,
         name: &LockName,
         token: Token,
-    ) -> Result<Result<Released, NotOwner>, StoreError> {
+        hand_off: Option<HandOff>,
+    ) -> Result<Result<ReleaseReply, NotOwner>, StoreError> {
         let keys = self.keys(name);
+        let (candidate, lease_ms, kind, plain_waiters) = match hand_off {
+            Some(h) => (
+                h.to.to_string(),
+                h.lease.millis().to_string(),
+                if h.fair { "fair" } else { "plain" },
+                h.plain_waiters.to_string(),
+            ),
+            None => (String::new(), "0".to_owned(), "plain", "0".to_owned()),
+        };
         let reply: Vec<i64> = self
             .release
             .evalsha_with_reload(
                 self.pool.next(),
                 vec![keys.lock, keys.waiters, keys.queue],
-                vec![token.to_string(), self.linger_ms.to_string(), keys.channel],
+                vec![
+                    token.to_string(),
+                    self.linger_ms.to_string(),
+                    keys.channel,
+                    candidate,
+                    lease_ms,
+                    kind.to_owned(),
+                    plain_waiters,
+                ],
             )
             .await?;
         match reply.as_slice() {
-            [1, _] => Ok(Ok(Released::Free)),
-            [0, holds] => Ok(Ok(Released::StillHeld(to_u32(*holds)))),
+            [1, _] => Ok(Ok(ReleaseReply::Released(Released::Free))),
+            [2, fence, lease_ms, queued_at] => Ok(Ok(ReleaseReply::Handed(Granted {
+                fence: to_u64(*fence),
+                holds: 1,
+                lease: Duration::from_millis(to_u64(*lease_ms)),
+                queued_at: to_u64(*queued_at),
+            }))),
+            [0, holds] => Ok(Ok(ReleaseReply::Released(Released::StillHeld(to_u32(
+                *holds,
+            ))))),
             [code] => NotOwner::from_code(*code)
                 .map(Err)
                 .ok_or_else(|| StoreError::unexpected("release", &reply)),
@@ -324,7 +370,7 @@ impl LockStore {
         lease: Lease,
         joins: bool,
         alive: Duration,
-    ) -> Result<Attempt, StoreError> {
+    ) -> Result<(Attempt, u64), StoreError> {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
             .fair_acquire
@@ -341,15 +387,21 @@ impl LockStore {
             )
             .await?;
         match reply.as_slice() {
-            [1, fence, holds, lease_ms, queued_at] => Ok(Attempt::Granted(Granted {
-                fence: to_u64(*fence),
-                holds: to_u32(*holds),
-                lease: Duration::from_millis(to_u64(*lease_ms)),
-                queued_at: to_u64(*queued_at),
-            })),
-            [0, ttl_ms, _position] => Ok(Attempt::Busy {
-                holder_ttl: Duration::from_millis(to_u64(*ttl_ms)),
-            }),
+            [1, fence, holds, lease_ms, queued_at] => Ok((
+                Attempt::Granted(Granted {
+                    fence: to_u64(*fence),
+                    holds: to_u32(*holds),
+                    lease: Duration::from_millis(to_u64(*lease_ms)),
+                    queued_at: to_u64(*queued_at),
+                }),
+                to_u64(*queued_at),
+            )),
+            [0, ttl_ms, _position, order] => Ok((
+                Attempt::Busy {
+                    holder_ttl: Duration::from_millis(to_u64(*ttl_ms)),
+                },
+                to_u64(*order),
+            )),
             _ => Err(StoreError::unexpected("fair_acquire", &reply)),
         }
     }

@@ -12,13 +12,16 @@
 //! - every message also wakes every local holder of the lock (Hold streams), so a ForceRelease
 //!   is noticed at once rather than at the next renewal;
 //! - after a reconnect (Redis restarted, data maybe lost) every local waiter and holder is woken
-//!   to re-check.
+//!   to re-check;
+//! - local waiters also stand in a *line* (`Interest::line_up`): a release made in this process
+//!   may hand the lock straight to the first of them (see `lock::LockEngine::release`), which
+//!   then learns of its grant through its `Ticket` without any Redis round trip or message.
 //!
 //! A lost message costs at most the holder's remaining lease: the engine never sleeps longer
 //! than that (see `lock::LockEngine::acquire`).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -26,8 +29,13 @@ use fred::{
     clients::SubscriberClient,
     interfaces::{ClientLike, EventInterface, PubsubInterface},
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, warn};
+
+use super::{
+    Lease, Token,
+    store::{Granted, HandOff},
+};
 
 /// The shared hub; cheap to clone.
 #[derive(Clone)]
@@ -61,6 +69,84 @@ struct Channel {
     /// Becomes true once the SUBSCRIBE was answered (or failed: waiters then fall back on the
     /// holder's TTL, which is always correct, only slower).
     settled: watch::Sender<bool>,
+    /// Local waiters a local release may hand the lock to. A std mutex, as above.
+    line: Mutex<Line>,
+}
+
+/// The local waiters of one lock, in the order a hand-off should pick them.
+#[derive(Default)]
+struct Line {
+    /// Plain waiters, by local arrival.
+    plain: BTreeMap<u64, Candidate>,
+    /// Fair waiters, by their join order in the Redis queue.
+    fair: BTreeMap<u64, Candidate>,
+    /// The next plain arrival number.
+    arrivals: u64,
+}
+
+/// A local waiter a release may hand the lock to.
+pub struct Candidate {
+    pub token: Token,
+    pub lease: Lease,
+    /// `Some(join order)` for a fair waiter, `None` for a plain one.
+    pub fair: Option<u64>,
+    /// A plain waiter's place in the line (0 for fair ones).
+    arrival: u64,
+    grant: oneshot::Sender<Granted>,
+}
+
+impl Candidate {
+    /// Tells the waiter the lock is now its own. Gives the grant back if the waiter already
+    /// left: the caller must then release the lock for it.
+    pub fn deliver(self, granted: Granted) -> Result<(), Granted> {
+        self.grant.send(granted)
+    }
+
+    fn waiting(&self) -> bool {
+        !self.grant.is_closed()
+    }
+}
+
+/// Where a waiter stands in its lock's line.
+#[derive(Debug, Clone, Copy)]
+pub enum Place {
+    Plain,
+    /// A fair waiter, with its join order in the Redis queue.
+    Fair(u64),
+}
+
+/// The first waiter of a lock's line, taken out of it for a release to try a hand-off.
+pub struct Offer {
+    channel: Arc<Channel>,
+    pub candidate: Candidate,
+    /// How many plain waiters this process has on the lock (the candidate included).
+    pub plain_waiters: usize,
+}
+
+impl Offer {
+    /// What `release.lua` needs to know about the candidate.
+    pub fn hand_off(&self) -> HandOff {
+        HandOff {
+            to: self.candidate.token,
+            lease: self.candidate.lease,
+            fair: self.candidate.fair.is_some(),
+            plain_waiters: self.plain_waiters,
+        }
+    }
+
+    /// The hand-off did not happen: the candidate goes back to the front of the line, unless it
+    /// left meanwhile.
+    pub fn decline(self) {
+        if !self.candidate.waiting() {
+            return;
+        }
+        let mut line = locked(&self.channel.line);
+        let candidate = self.candidate;
+        match candidate.fair {
+            Some(order) => line.fair.insert(order, candidate),
+            None => line.plain.insert(candidate.arrival, candidate),
+        };
+    }
 }
 
 enum Change {
@@ -94,6 +180,7 @@ impl Waiters {
                     fair: Mutex::new(HashMap::new()),
                     check: Notify::new(),
                     settled: watch::Sender::new(false),
+                    line: Mutex::default(),
                 });
                 // A send error means the change task is gone (runtime shutting down); waiters
                 // then rely on the TTL bound.
@@ -122,15 +209,49 @@ impl Waiters {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        lock_map(&self.channels)
+        locked(&self.channels)
     }
 }
 
 impl Waiters {
+    /// Whether local callers already wait on `channel` with the subscription in place.
+    pub fn is_watched(&self, channel: &str) -> bool {
+        self.inner
+            .lock()
+            .get(channel)
+            .is_some_and(|entry| *entry.channel.settled.borrow())
+    }
+
+    /// Takes the first local waiter of `channel`'s line (fair waiters first, in queue order;
+    /// else plain ones, in arrival order), skipping waiters that left. None when nobody waits
+    /// here.
+    pub fn offer(&self, channel: &str) -> Option<Offer> {
+        let channel = self.inner.lock().get(channel)?.channel.clone();
+        let mut line = locked(&channel.line);
+        // Waiters take themselves out of the line when they leave (`Ticket`), so these counts
+        // are exact but for one that is leaving right now.
+        let plain_waiters = line.plain.len();
+        let candidate = loop {
+            let (_, candidate) = match line.fair.pop_first() {
+                Some(first) => first,
+                None => line.plain.pop_first()?,
+            };
+            if candidate.waiting() {
+                break candidate;
+            }
+        };
+        drop(line);
+        Some(Offer {
+            channel,
+            candidate,
+            plain_waiters,
+        })
+    }
+
     /// Wakes the local fair waiter `waiter_id` on `channel`, if this process has it.
     pub fn wake_fair(&self, channel: &str, waiter_id: &str) {
         if let Some(entry) = self.inner.lock().get(channel)
-            && let Some(wake) = lock_map(&entry.channel.fair).get(waiter_id)
+            && let Some(wake) = locked(&entry.channel.fair).get(waiter_id)
         {
             wake.notify_one();
         }
@@ -164,11 +285,101 @@ impl Interest {
     /// kept for its next wait (tokio `Notify` permit), so none is lost between attempts.
     pub fn fair_ticket(&self, waiter_id: &str) -> FairTicket<'_> {
         let wake = Arc::new(Notify::new());
-        lock_map(&self.channel.fair).insert(waiter_id.to_owned(), wake.clone());
+        locked(&self.channel.fair).insert(waiter_id.to_owned(), wake.clone());
         FairTicket {
             interest: self,
             waiter_id: waiter_id.to_owned(),
             wake,
+        }
+    }
+}
+
+impl Interest {
+    /// Puts a waiter holding `token` (asking for `lease`) into this lock's line, so a local
+    /// release can hand it the lock. Call it once the waiter is registered in Redis (it got
+    /// "busy" back), so the line never holds a waiter Redis does not know.
+    pub fn line_up(&self, token: Token, lease: Lease, place: Place) -> Ticket {
+        let (grant, granted) = oneshot::channel();
+        let mut line = locked(&self.channel.line);
+        let (fair, arrival) = match place {
+            Place::Fair(order) => (Some(order), 0),
+            Place::Plain => {
+                line.arrivals += 1;
+                (None, line.arrivals)
+            }
+        };
+        let candidate = Candidate {
+            token,
+            lease,
+            fair,
+            arrival,
+            grant,
+        };
+        match fair {
+            Some(order) => line.fair.insert(order, candidate),
+            None => line.plain.insert(arrival, candidate),
+        };
+        Ticket {
+            channel: self.channel.clone(),
+            fair,
+            arrival,
+            granted: Some(granted),
+        }
+    }
+}
+
+/// A waiter's place in its lock's line. The waiter must `leave` it before giving up, to learn
+/// whether a hand-off reached it meanwhile; dropping it leaves the line too (a grant that
+/// arrives after that is given back by the release that made it).
+pub struct Ticket {
+    channel: Arc<Channel>,
+    fair: Option<u64>,
+    arrival: u64,
+    /// None once the hand-off arrived, or the sending side vanished without one.
+    granted: Option<oneshot::Receiver<Granted>>,
+}
+
+impl Ticket {
+    /// Resolves when a local release handed the lock to this waiter. Never resolves after it
+    /// resolved once, or if the release that took this waiter out of the line vanished
+    /// without a word (it could only have been cut off by a panic or the runtime ending; the
+    /// waiter then falls back on its ordinary retries).
+    pub async fn handed(&mut self) -> Granted {
+        let Some(granted) = self.granted.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = granted.await;
+        self.granted = None;
+        match result {
+            Ok(granted) => granted,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Leaves the line. Returns a grant that was handed over just before: the lock then
+    /// belongs to this waiter, which must use it or release it.
+    pub fn leave(mut self) -> Option<Granted> {
+        self.step_out();
+        let mut granted = self.granted.take()?;
+        // From here on a release that took us out of the line earlier fails to deliver, and
+        // releases the lock again itself.
+        granted.close();
+        granted.try_recv().ok()
+    }
+
+    fn step_out(&self) {
+        let mut line = locked(&self.channel.line);
+        match self.fair {
+            Some(order) => line.fair.remove(&order),
+            None => line.plain.remove(&self.arrival),
+        };
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.granted.is_some() {
+            self.step_out();
         }
     }
 }
@@ -188,13 +399,15 @@ impl FairTicket<'_> {
 
 impl Drop for FairTicket<'_> {
     fn drop(&mut self) {
-        lock_map(&self.interest.channel.fair).remove(&self.waiter_id);
+        locked(&self.interest.channel.fair).remove(&self.waiter_id);
     }
 }
 
-fn lock_map<V>(map: &Mutex<HashMap<String, V>>) -> MutexGuard<'_, HashMap<String, V>> {
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section is one insert/remove/lookup: poisoning carries no information.
-    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Drop for Interest {
@@ -213,22 +426,42 @@ impl Drop for Interest {
     }
 }
 
+/// Most subscription changes applied before one confirming PING.
+const CHANGE_BATCH: usize = 256;
+
 async fn apply_changes(subscriber: SubscriberClient, mut changes: mpsc::UnboundedReceiver<Change>) {
-    while let Some(change) = changes.recv().await {
-        match change {
-            Change::Subscribe(name, channel) => {
-                if let Err(error) = subscriber.subscribe(name.as_str()).await {
-                    metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => "subscribe")
-                        .increment(1);
-                    warn!(channel = %name, %error, "subscribe failed; waiters fall back on the holder's lease");
+    let mut batch = Vec::with_capacity(CHANGE_BATCH);
+    while changes.recv_many(&mut batch, CHANGE_BATCH).await > 0 {
+        let mut subscribed = Vec::new();
+        for change in batch.drain(..) {
+            match change {
+                Change::Subscribe(name, channel) => {
+                    if let Err(error) = subscriber.subscribe(name.as_str()).await {
+                        metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => "subscribe")
+                            .increment(1);
+                        warn!(channel = %name, %error, "subscribe failed; waiters fall back on the holder's lease");
+                    }
+                    subscribed.push(channel);
                 }
-                channel.settled.send_replace(true);
-            }
-            Change::Unsubscribe(name) => {
-                if let Err(error) = subscriber.unsubscribe(name.as_str()).await {
-                    debug!(channel = %name, %error, "unsubscribe failed");
+                Change::Unsubscribe(name) => {
+                    if let Err(error) = subscriber.unsubscribe(name.as_str()).await {
+                        debug!(channel = %name, %error, "unsubscribe failed");
+                    }
                 }
             }
+        }
+        if subscribed.is_empty() {
+            continue;
+        }
+        // fred answers SUBSCRIBE as soon as it is written, not when Redis has run it. A message
+        // published in between would be lost to a waiter that already counts on the
+        // subscription, so wait for a PING on the same connection: Redis runs one
+        // connection's commands in order, so its reply means every SUBSCRIBE above is active.
+        if let Err(error) = subscriber.ping::<fred::types::Value>(None).await {
+            debug!(%error, "could not confirm subscriptions; waiters fall back on the holder's lease");
+        }
+        for channel in subscribed {
+            channel.settled.send_replace(true);
         }
     }
 }
@@ -247,7 +480,7 @@ async fn dispatch(subscriber: SubscriberClient, hub: std::sync::Weak<Inner>) {
                             match text.as_deref().and_then(|t| t.strip_prefix("w:")) {
                                 // The head of a fair queue, by name: nobody else is woken.
                                 Some(waiter_id) => {
-                                    if let Some(wake) = lock_map(&entry.channel.fair).get(waiter_id) {
+                                    if let Some(wake) = locked(&entry.channel.fair).get(waiter_id) {
                                         wake.notify_one();
                                     }
                                 }
@@ -280,7 +513,7 @@ fn wake_all(hub: &Inner) {
     for entry in hub.lock().values() {
         entry.channel.wake.notify_waiters();
         entry.channel.check.notify_waiters();
-        for wake in lock_map(&entry.channel.fair).values() {
+        for wake in locked(&entry.channel.fair).values() {
             wake.notify_one();
         }
     }

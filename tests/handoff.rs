@@ -1,0 +1,253 @@
+//! Hand-off: a release made in the waiter's own latchkey process gives the lock straight to it.
+//! These tests prove the hand-off never loses a wake-up, never strands a lock when waiters give
+//! up at the last moment, never passes over a waiter of another replica, and serves the
+//! process's own waiters in the order they arrived.
+//!
+//! Every lease here is 60 s and the fair refresh period 20 s: a waiter that missed its wake-up
+//! would sit out one of those, far beyond the waits these tests allow, so each lost wake-up or
+//! stranded lock fails a test instead of merely slowing it down.
+
+mod common;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::*;
+use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+const LEASE: Duration = Duration::from_secs(60);
+
+/// latchkey whose fair refresher (the fallback that rescues a fair waiter that missed its
+/// wake-up) only runs every 20 s.
+async fn latchkey(redis: &RedisServer) -> Latchkey {
+    let mut config = test_config(redis);
+    config.locks.fair_waiter_timeout = Duration::from_secs(60);
+    Latchkey::start_with(config).await
+}
+
+fn request(name: &str, wait: Duration, fair: bool) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        fair,
+        ..acquire(name, LEASE, wait)
+    }
+}
+
+async fn release(client: &mut LockServiceClient<Channel>, name: &str, token: String) {
+    let released = client
+        .release(pb::ReleaseRequest {
+            name: name.into(),
+            token,
+        })
+        .await
+        .expect("release")
+        .into_inner();
+    assert!(released.released, "the holder's release must free its hold");
+}
+
+/// Two clients pass one lock back and forth `rounds` times each. Every wait must end in a
+/// grant well before the 60 s lease (or the 20 s fair refresh) could have rescued it.
+async fn ping_pong(server: &Latchkey, name: &str, fair: bool, rounds: usize) {
+    let mut players = JoinSet::new();
+    let fences = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..2 {
+        let mut client = server.locks().await;
+        let name = name.to_owned();
+        let fences = fences.clone();
+        players.spawn(async move {
+            for round in 0..rounds {
+                let grant = client
+                    .acquire(request(&name, secs(10), fair))
+                    .await
+                    .expect("acquire")
+                    .into_inner();
+                assert!(
+                    grant.acquired,
+                    "round {round}: the wait ran out while the other client passed the lock on: a wake-up was lost"
+                );
+                fences.lock().unwrap().push(grant.fence);
+                release(&mut client, &name, grant.token).await;
+            }
+        });
+    }
+    while let Some(done) = players.join_next().await {
+        done.expect("player");
+    }
+    let fences = fences.lock().unwrap().clone();
+    assert_eq!(fences.len(), 2 * rounds);
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fences must increase with every grant"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_passing_a_plain_lock_back_and_forth_never_miss_a_wake_up() {
+    let redis = RedisServer::start();
+    let server = latchkey(&redis).await;
+    ping_pong(&server, "pingpong/plain", false, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_passing_a_fair_lock_back_and_forth_never_miss_a_wake_up() {
+    // Each wait here usually starts while the lock's unlock channel has no subscriber left,
+    // so it subscribes anew: the race between that SUBSCRIBE and the holder's release is what
+    // this test keeps hitting.
+    let redis = RedisServer::start();
+    let server = latchkey(&redis).await;
+    ping_pong(&server, "pingpong/fair", true, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_lock_to_local_waiters_in_the_order_they_arrived() {
+    let redis = RedisServer::start();
+    let server = latchkey(&redis).await;
+    let name = "queue/plain";
+    let mut holder = server.locks().await;
+    let first = holder
+        .acquire(request(name, Duration::ZERO, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.acquired);
+
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = JoinSet::new();
+    for waiter in 0..4 {
+        let mut client = server.locks().await;
+        let order = order.clone();
+        waiters.spawn(async move {
+            let grant = client
+                .acquire(request(name, secs(30), false))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(grant.acquired, "waiter {waiter} was not granted");
+            order.lock().unwrap().push((waiter, grant.fence));
+            release(&mut client, name, grant.token).await;
+        });
+        // Let each waiter register before the next one arrives.
+        wait_for_waiters(&holder, name, waiter + 1, secs(10)).await;
+    }
+    release(&mut holder, name, first.token).await;
+    while let Some(done) = waiters.join_next().await {
+        done.expect("waiter");
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.iter().map(|(w, _)| *w).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3],
+        "local waiters are served first come, first served"
+    );
+    assert!(order.windows(2).all(|w| w[0].1 < w[1].1));
+    assert!(order[0].1 > first.fence);
+    let state = inspect(&holder, name).await;
+    assert!(!state.held, "the last waiter released: the lock is free");
+    assert_eq!(state.waiters, 0, "no waiter entry is left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_giving_up_while_the_lock_is_passed_around_never_strand_it() {
+    let seed = test_seed();
+    let redis = RedisServer::start();
+    let server = latchkey(&redis).await;
+    let name = "storm/mixed";
+    let mut clients = JoinSet::new();
+    for c in 0..16u64 {
+        let mut client = server.locks().await;
+        clients.spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed ^ c);
+            let fair = c % 2 == 0;
+            let mut granted = 0u32;
+            for _ in 0..60 {
+                // Waits of 0-19 ms: they run out at every moment of a hand-off, so waiters
+                // leave the line just before, while and just after a release picks them.
+                let wait = Duration::from_millis(rng.random_range(0..20));
+                let answer = client.acquire(request(name, wait, fair)).await;
+                let grant = answer.expect("acquire").into_inner();
+                if grant.acquired {
+                    granted += 1;
+                    release(&mut client, name, grant.token).await;
+                }
+            }
+            granted
+        });
+    }
+    let mut granted = 0;
+    while let Some(done) = clients.join_next().await {
+        granted += done.expect("client");
+    }
+    assert!(granted > 0, "some of the attempts must have been granted");
+
+    // Every grant was released by its client, or given back by latchkey when its waiter had
+    // left: the lock must be free again now, not held for the rest of a 60 s lease.
+    let observer = server.locks().await;
+    wait_until(secs(10), || async {
+        let state = inspect(&observer, name).await;
+        !state.held && state.waiters == 0
+    })
+    .await;
+    let mut client = server.locks().await;
+    let grant = client
+        .acquire(request(name, Duration::ZERO, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grant.acquired, "nobody holds the lock any more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_hand_offs_never_pass_over_a_waiter_of_another_replica() {
+    let redis = RedisServer::start();
+    let busy = latchkey(&redis).await;
+    let other = latchkey(&redis).await;
+    let name = "shared/plain";
+
+    // Eight clients of one replica pass the lock among themselves without pause: a release
+    // there nearly always finds a local waiter to hand it to.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut locals = JoinSet::new();
+    for _ in 0..8 {
+        let mut client = busy.locks().await;
+        let stop = stop.clone();
+        locals.spawn(async move {
+            while !stop.is_cancelled() {
+                let grant = client
+                    .acquire(request(name, secs(30), false))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if grant.acquired {
+                    release(&mut client, name, grant.token).await;
+                }
+            }
+        });
+    }
+    let observer = busy.locks().await;
+    wait_until(secs(10), || async {
+        inspect(&observer, name).await.waiters >= 1
+    })
+    .await;
+
+    // A caller of the other replica joins: it must get the lock within its wait, not after
+    // the 60 s lease of whoever holds the lock when it arrives.
+    let mut remote = other.locks().await;
+    let grant = remote
+        .acquire(request(name, secs(10), false))
+        .await
+        .unwrap()
+        .into_inner();
+    stop.cancel();
+    assert!(
+        grant.acquired,
+        "the other replica's waiter was passed over by local hand-offs"
+    );
+    release(&mut remote, name, grant.token).await;
+    while let Some(done) = locals.join_next().await {
+        done.expect("local client");
+    }
+}
