@@ -183,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     if wants(Scenario::Uncontended) {
         rows.push(scenarios::uncontended(&server.addr, cli.duration).await?);
+        rows.push(scenarios::uncontended_grpc_only(&server.addr, cli.duration).await?);
         rows.push(scenarios::uncontended_floor(&redis.url(), cli.duration).await?);
     }
     if wants(Scenario::HotLock) {
@@ -195,17 +196,17 @@ async fn main() -> anyhow::Result<()> {
             (format!("{ratio:.1} (target >= 10)"), ratio >= 10.0)
         };
         let (text, met) = vs(plain_p99);
-        let plain = plain.detail("polling p99 / this p99", &text);
+        let plain = plain.detail("polling / this hand-off wait p99", &text);
         let plain_met = plain.target_met.unwrap_or(false) && met;
         rows.push(plain.target(
-            ">= 5000 hand-offs/s, spread <= 2, p99 wait 10x below polling",
+            ">= 5000 hand-offs/s, spread <= 2, hand-off wait p99 10x below polling",
             plain_met,
         ));
         let (text, met) = vs(fair_p99);
-        let fair = fair.detail("polling p99 / this p99", &text);
+        let fair = fair.detail("polling / this hand-off wait p99", &text);
         let fair_met = fair.target_met.unwrap_or(false) && met;
         rows.push(fair.target(
-            ">= 3000 hand-offs/s, spread <= 1.1, 0 out of order, p99 10x below polling",
+            ">= 3000 hand-offs/s, spread <= 1.1, 0 out of order, hand-off wait p99 10x below polling",
             fair_met,
         ));
         rows.push(polling);
