@@ -778,3 +778,81 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
     );
     assert_eq!(level(&stock, "kiosk").await, 8);
 }
+
+/// PostgreSQL only: with SQLite's `BEGIN IMMEDIATE` the second transaction starts after the
+/// first committed, sees its order and never reaches the duplicate-key path this test aims at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_id_raced_for_other_products_applies_once_and_its_batch_mates_still_apply() {
+    let redis = RedisServer::start();
+    let db = TestDb::new(DbKind::Postgres).await;
+    let mut config = test_config(&redis);
+    config.stock.database_url = db.url.clone();
+    // Every transaction pauses 1 s between its reads and its writes, so the two batches below
+    // both find order "twin" absent before either of them inserts it.
+    config.stock.fault_txn_delay = secs(1);
+    let server = Latchkey::start_with(config).await;
+    let mut stock = server.stock().await;
+    let mut locks = server.locks().await;
+    set(&mut stock, "left", 10).await;
+    set(&mut stock, "right", 10).await;
+
+    // "twin" (right) leads a batch on "right" and waits for its lock; "solo" queues behind it
+    // in the same process and joins that batch.
+    let held = locks
+        .acquire(acquire("stock/right", secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    let spawn_order = |id: &'static str, product: &'static str| {
+        let mut client = stock.clone();
+        tokio::spawn(async move {
+            client
+                .reduce_stock(order(id, vec![item(product, 1)], secs(30)))
+                .await
+        })
+    };
+    let twin_right = spawn_order("twin", "right");
+    wait_for_waiters(&locks, "stock/right", 1, secs(10)).await;
+    let solo = spawn_order("solo", "right");
+    tokio::time::sleep(ms(300)).await;
+
+    // The same order id for "left" starts its own transaction at once; the "right" batch
+    // starts as soon as its lock is free, well within the other's 1 s pause.
+    let twin_left = spawn_order("twin", "left");
+    tokio::time::sleep(ms(100)).await;
+    locks
+        .release(pb::ReleaseRequest {
+            name: "stock/right".into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
+
+    let left = twin_left.await.unwrap().expect("the first twin applies");
+    assert_eq!(left.into_inner().remaining[0].stock, 9);
+    let status = twin_right.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let solo = solo
+        .await
+        .unwrap()
+        .expect("solo, batched with the loser, still applies");
+    assert_eq!(solo.into_inner().remaining[0].stock, 9);
+
+    assert_eq!(level(&stock, "left").await, 9);
+    assert_eq!(level(&stock, "right").await, 9, "only solo took from right");
+    let pool = db.pool().await;
+    let mut rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT o.id, i.product_id FROM orders o JOIN order_items i ON i.order_id = o.id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![
+            ("solo".to_owned(), "right".to_owned()),
+            ("twin".to_owned(), "left".to_owned())
+        ]
+    );
+}
