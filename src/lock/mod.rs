@@ -274,7 +274,11 @@ impl LockEngine {
         };
         // The token is unique to this request, so it doubles as the waiter id.
         let waiter_id = token.to_string();
-        let mut line: Option<Ticket> = None;
+        // In the line before the first registration is even sent: a local release then counts
+        // this caller among the process's waiters (so it does not mistake it for another
+        // replica's and give up the hand-off), while release.lua only ever hands the lock to a
+        // waiter Redis already knows.
+        let mut line = interest.line_up(token, req.lease, Place::Plain);
         let outcome = loop {
             let notified = interest.notified();
             tokio::pin!(notified);
@@ -293,8 +297,6 @@ impl LockEngine {
             if !std::mem::replace(&mut waited, true) {
                 metrics::counter!(telemetry::WAITS_STARTED).increment(1);
             }
-            // Registered in Redis as a waiter now: a local release may hand us the lock.
-            let line = line.get_or_insert_with(|| interest.line_up(token, req.lease, Place::Plain));
             let now = Instant::now();
             if now >= deadline {
                 break Ok(Acquired::TimedOut { holder_ttl });
@@ -311,7 +313,7 @@ impl LockEngine {
                 () = self.shutdown.cancelled() => break Err(LockError::ShuttingDown),
             }
         };
-        let outcome = match line.and_then(Ticket::leave) {
+        let outcome = match line.leave() {
             Some(handed) => {
                 self.late_hand_off(name, token, outcome, handed, grant)
                     .await

@@ -296,8 +296,9 @@ impl Interest {
 
 impl Interest {
     /// Puts a waiter holding `token` (asking for `lease`) into this lock's line, so a local
-    /// release can hand it the lock. Call it once the waiter is registered in Redis (it got
-    /// "busy" back), so the line never holds a waiter Redis does not know.
+    /// release can hand it the lock. The waiter's registration in Redis may still be on its
+    /// way: `release.lua` hands the lock only to a waiter Redis knows, but counts every one in
+    /// the line as this process's when it looks for other replicas' waiters.
     pub fn line_up(&self, token: Token, lease: Lease, place: Place) -> Ticket {
         let (grant, granted) = oneshot::channel();
         let mut line = locked(&self.channel.line);
