@@ -39,6 +39,9 @@ struct Cli {
     /// How long each timed scenario runs.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Clients on the one hot lock (the target is for 64; 2 shows the bare hand-off chain).
+    #[arg(long, default_value_t = 64)]
+    hot_lock_clients: usize,
     /// ReduceStock requests per run.
     #[arg(long, default_value_t = 10_000)]
     requests: u64,
@@ -187,28 +190,41 @@ async fn main() -> anyhow::Result<()> {
         rows.push(scenarios::uncontended_floor(&redis.url(), cli.duration).await?);
     }
     if wants(Scenario::HotLock) {
-        let (plain, plain_p99) = scenarios::hot_lock(&server.addr, cli.duration, false).await?;
-        let (fair, fair_p99) = scenarios::hot_lock(&server.addr, cli.duration, true).await?;
+        let (plain, plain_p99) =
+            scenarios::hot_lock(&server.addr, cli.duration, cli.hot_lock_clients, false).await?;
+        let (fair, fair_p99) =
+            scenarios::hot_lock(&server.addr, cli.duration, cli.hot_lock_clients, true).await?;
         let (polling, polling_p99) =
             scenarios::hot_lock_polling(&redis.url(), cli.duration).await?;
         let vs = |p99: f64| {
             let ratio = polling_p99 / p99.max(0.001);
             (format!("{ratio:.1} (target >= 10)"), ratio >= 10.0)
         };
+        // The targets are for 64 clients, against the 64-client polling baseline.
+        let for_target = cli.hot_lock_clients == 64;
+        let other_load = "n/a: the target is for 64 clients";
         let (text, met) = vs(plain_p99);
         let plain = plain.detail("polling / this hand-off wait p99", &text);
         let plain_met = plain.target_met.unwrap_or(false) && met;
-        rows.push(plain.target(
-            ">= 5000 hand-offs/s, spread <= 2, hand-off wait p99 10x below polling",
-            plain_met,
-        ));
+        rows.push(if for_target {
+            plain.target(
+                ">= 5000 hand-offs/s, spread <= 2, hand-off wait p99 10x below polling",
+                plain_met,
+            )
+        } else {
+            plain.no_target(other_load)
+        });
         let (text, met) = vs(fair_p99);
         let fair = fair.detail("polling / this hand-off wait p99", &text);
         let fair_met = fair.target_met.unwrap_or(false) && met;
-        rows.push(fair.target(
-            ">= 3000 hand-offs/s, spread <= 1.1, 0 out of order, hand-off wait p99 10x below polling",
-            fair_met,
-        ));
+        rows.push(if for_target {
+            fair.target(
+                ">= 3000 hand-offs/s, spread <= 1.1, 0 out of order, hand-off wait p99 10x below polling",
+                fair_met,
+            )
+        } else {
+            fair.no_target(other_load)
+        });
         rows.push(polling);
     }
     if wants(Scenario::ReduceStock) {

@@ -85,6 +85,13 @@ impl Row {
         self.target_met = Some(met);
         self
     }
+
+    /// This run is not the one the target is for (`why` says so in the table).
+    pub fn no_target(mut self, why: &str) -> Self {
+        self.target = why.into();
+        self.target_met = None;
+        self
+    }
 }
 
 pub fn print(rows: &[Row]) {

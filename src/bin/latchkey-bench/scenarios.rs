@@ -376,9 +376,13 @@ fn out_of_order(grants: &[Logged]) -> usize {
     count
 }
 
-/// 64 clients on one name: Acquire (waiting) + Release, fair or not.
-pub async fn hot_lock(addr: &str, duration: Duration, fair: bool) -> anyhow::Result<(Row, f64)> {
-    const CLIENTS: usize = 64;
+/// `clients` (64 for the target) on one name: Acquire (waiting) + Release, fair or not.
+pub async fn hot_lock(
+    addr: &str,
+    duration: Duration,
+    clients: usize,
+    fair: bool,
+) -> anyhow::Result<(Row, f64)> {
     let label = if fair {
         "hot-lock (fair)"
     } else {
@@ -394,7 +398,7 @@ pub async fn hot_lock(addr: &str, duration: Duration, fair: bool) -> anyhow::Res
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = JoinSet::new();
-    for c in 0..CLIENTS {
+    for c in 0..clients {
         let mut client = LockServiceClient::new(connect(addr).await?);
         let grants = grants.clone();
         tasks.spawn(async move {
@@ -440,15 +444,14 @@ pub async fn hot_lock(addr: &str, duration: Duration, fair: bool) -> anyhow::Res
     }
     let (total, elapsed) = gather(tasks, started, &bar).await?;
     let grants = grants.lock().expect("grant log").clone();
-    let variant = if fair {
-        "gRPC, fair, 64 clients / 1 name"
-    } else {
-        "gRPC, non-fair, 64 clients / 1 name"
-    };
-    let row = Row::new("hot-lock", variant)
+    let variant = format!(
+        "gRPC, {}, {clients} clients / 1 name",
+        if fair { "fair" } else { "non-fair" }
+    );
+    let row = Row::new("hot-lock", &variant)
         .throughput(total.ops, elapsed, "grants/s")
         .latency(&total.hist);
-    let (mut row, figures) = hot_lock_figures(row, &grants, CLIENTS, elapsed);
+    let (mut row, figures) = hot_lock_figures(row, &grants, clients, elapsed);
     let HotFigures {
         handoffs_per_s: handoffs,
         spread,
