@@ -117,7 +117,7 @@ pub fn print(rows: &[Row]) {
         let target = match row.target_met {
             Some(true) => format!("met: {}", row.target),
             Some(false) => format!("NOT MET: {}", row.target),
-            None => String::new(),
+            None => row.target.clone(),
         };
         let throughput = if row.unit.is_empty() {
             String::new()
