@@ -458,6 +458,8 @@ async fn apply_changes(subscriber: SubscriberClient, mut changes: mpsc::Unbounde
         // published in between would be lost to a waiter that already counts on the
         // subscription, so wait for a PING on the same connection: Redis runs one
         // connection's commands in order, so its reply means every SUBSCRIBE above is active.
+        // (For Redis Cluster this must become SSUBSCRIBE per slot, which fred does answer only
+        // once Redis confirms it.)
         if let Err(error) = subscriber.ping::<fred::types::Value>(None).await {
             debug!(%error, "could not confirm subscriptions; waiters fall back on the holder's lease");
         }
