@@ -84,14 +84,36 @@ struct Line {
     arrivals: u64,
 }
 
+/// A waiter's key in its lock's line.
+#[derive(Debug, Clone, Copy)]
+enum Spot {
+    /// Join order in the Redis queue.
+    Fair(u64),
+    /// Local arrival number.
+    Plain(u64),
+}
+
+impl Line {
+    fn insert(&mut self, candidate: Candidate) {
+        match candidate.spot {
+            Spot::Fair(order) => self.fair.insert(order, candidate),
+            Spot::Plain(arrival) => self.plain.insert(arrival, candidate),
+        };
+    }
+
+    fn remove(&mut self, spot: Spot) {
+        match spot {
+            Spot::Fair(order) => self.fair.remove(&order),
+            Spot::Plain(arrival) => self.plain.remove(&arrival),
+        };
+    }
+}
+
 /// A local waiter a release may hand the lock to.
 pub struct Candidate {
     pub token: Token,
     pub lease: Lease,
-    /// `Some(join order)` for a fair waiter, `None` for a plain one.
-    pub fair: Option<u64>,
-    /// A plain waiter's place in the line (0 for fair ones).
-    arrival: u64,
+    spot: Spot,
     grant: oneshot::Sender<Granted>,
 }
 
@@ -129,7 +151,7 @@ impl Offer {
         HandOff {
             to: self.candidate.token,
             lease: self.candidate.lease,
-            fair: self.candidate.fair.is_some(),
+            fair: matches!(self.candidate.spot, Spot::Fair(_)),
             plain_waiters: self.plain_waiters,
         }
     }
@@ -140,12 +162,7 @@ impl Offer {
         if !self.candidate.waiting() {
             return;
         }
-        let mut line = locked(&self.channel.line);
-        let candidate = self.candidate;
-        match candidate.fair {
-            Some(order) => line.fair.insert(order, candidate),
-            None => line.plain.insert(candidate.arrival, candidate),
-        };
+        locked(&self.channel.line).insert(self.candidate);
     }
 }
 
@@ -302,28 +319,22 @@ impl Interest {
     pub fn line_up(&self, token: Token, lease: Lease, place: Place) -> Ticket {
         let (grant, granted) = oneshot::channel();
         let mut line = locked(&self.channel.line);
-        let (fair, arrival) = match place {
-            Place::Fair(order) => (Some(order), 0),
+        let spot = match place {
+            Place::Fair(order) => Spot::Fair(order),
             Place::Plain => {
                 line.arrivals += 1;
-                (None, line.arrivals)
+                Spot::Plain(line.arrivals)
             }
         };
-        let candidate = Candidate {
+        line.insert(Candidate {
             token,
             lease,
-            fair,
-            arrival,
+            spot,
             grant,
-        };
-        match fair {
-            Some(order) => line.fair.insert(order, candidate),
-            None => line.plain.insert(arrival, candidate),
-        };
+        });
         Ticket {
             channel: self.channel.clone(),
-            fair,
-            arrival,
+            spot,
             granted: Some(granted),
         }
     }
@@ -334,8 +345,7 @@ impl Interest {
 /// arrives after that is given back by the release that made it).
 pub struct Ticket {
     channel: Arc<Channel>,
-    fair: Option<u64>,
-    arrival: u64,
+    spot: Spot,
     /// None once the hand-off arrived, or the sending side vanished without one.
     granted: Option<oneshot::Receiver<Granted>>,
 }
@@ -369,11 +379,7 @@ impl Ticket {
     }
 
     fn step_out(&self) {
-        let mut line = locked(&self.channel.line);
-        match self.fair {
-            Some(order) => line.fair.remove(&order),
-            None => line.plain.remove(&self.arrival),
-        };
+        locked(&self.channel.line).remove(self.spot);
     }
 }
 
