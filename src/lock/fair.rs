@@ -95,7 +95,7 @@ pub(super) async fn refresh(engine: Weak<LockEngine>, alive: Duration) {
                 Ok(Some(head)) if ids.contains(&head) => {
                     engine
                         .waiters
-                        .wake_fair(&engine.store.keys(&name).channel, &head);
+                        .wake_fair(&engine.store.channel(&name), &head);
                 }
                 Ok(_) => {}
                 Err(error) => {

@@ -106,16 +106,34 @@ fn not_owner_message(why: NotOwner) -> &'static str {
     }
 }
 
-/// Counts a finished wait: granted (true), timed out (false), or why it failed.
-fn count_wait(granted: Result<bool, &LockError>) {
-    let outcome = match granted {
-        Ok(true) => "granted",
-        Ok(false) => "timed_out",
-        Err(LockError::Cancelled) => "cancelled",
-        Err(LockError::ShuttingDown) => "shutting_down",
-        Err(_) => "error",
-    };
-    metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => outcome).increment(1);
+/// The wait metrics of one acquire: a wait is counted once it started (the lock was found
+/// busy), and then once more by how it ended.
+#[derive(Default)]
+struct WaitCount {
+    started: bool,
+}
+
+impl WaitCount {
+    fn start(&mut self) {
+        if !std::mem::replace(&mut self.started, true) {
+            metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+        }
+    }
+
+    /// Counts how a started wait ended: granted (true), timed out (false), or why it failed.
+    fn finish(self, granted: Result<bool, &LockError>) {
+        if !self.started {
+            return;
+        }
+        let outcome = match granted {
+            Ok(true) => "granted",
+            Ok(false) => "timed_out",
+            Err(LockError::Cancelled) => "cancelled",
+            Err(LockError::ShuttingDown) => "shutting_down",
+            Err(_) => "error",
+        };
+        metrics::counter!(telemetry::WAIT_OUTCOMES, "outcome" => outcome).increment(1);
+    }
 }
 
 /// What one release script did for its caller.
@@ -247,10 +265,10 @@ impl LockEngine {
         // Fast path: an uncontended lock costs one script and no subscription. A caller that
         // may wait on a lock this process already waits on (contended, subscription in place)
         // goes straight to the waiting loop instead: one script instead of two.
-        let channel = self.store.keys(name).channel;
+        let channel = self.store.channel(name);
         let contended = !reenter && Instant::now() < deadline && self.waiters.is_watched(&channel);
         let mut holder_ttl = Duration::ZERO;
-        let mut waited = false;
+        let mut wait = WaitCount::default();
         if !contended {
             holder_ttl = match self.attempt(name, token, reenter, req.lease, None).await? {
                 Attempt::Granted(g) => return Ok(grant(g)),
@@ -260,8 +278,7 @@ impl LockEngine {
             if Instant::now() >= deadline {
                 return Ok(Acquired::TimedOut { holder_ttl });
             }
-            waited = true;
-            metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+            wait.start();
         }
 
         let _slot = self.admission.admit(name)?;
@@ -294,9 +311,7 @@ impl LockEngine {
                 Ok(Attempt::Refused(why)) => break Err(LockError::NotOwner(why)),
                 Err(error) => break Err(error),
             }
-            if !std::mem::replace(&mut waited, true) {
-                metrics::counter!(telemetry::WAITS_STARTED).increment(1);
-            }
+            wait.start();
             let now = Instant::now();
             if now >= deadline {
                 break Ok(Acquired::TimedOut { holder_ttl });
@@ -320,9 +335,7 @@ impl LockEngine {
             }
             None => outcome,
         };
-        if waited {
-            count_wait(outcome.as_ref().map(|a| matches!(a, Acquired::Granted(_))));
-        }
+        wait.finish(outcome.as_ref().map(|a| matches!(a, Acquired::Granted(_))));
         if !matches!(outcome, Ok(Acquired::Granted(_))) {
             // The entry would lapse at our deadline anyway; removing it keeps Inspect exact.
             if let Err(error) = self.store.leave_waiters(name, &waiter_id).await {
@@ -357,10 +370,10 @@ impl LockEngine {
         };
         // As for plain locks: a contended lock (this process already waits on it, subscribed)
         // skips the first try and joins the queue in the loop's first script.
-        let channel = self.store.keys(name).channel;
+        let channel = self.store.channel(name);
         let contended = waits && self.waiters.is_watched(&channel);
         let mut holder_ttl = Duration::ZERO;
-        let mut waited = false;
+        let mut wait = WaitCount::default();
         if !contended {
             holder_ttl = match attempt(waits).await?.0 {
                 Attempt::Granted(g) => return Ok(Ok(g)),
@@ -368,29 +381,19 @@ impl LockEngine {
                 Attempt::Busy { holder_ttl } => holder_ttl,
                 Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
             };
-            waited = true;
-            metrics::counter!(telemetry::WAITS_STARTED).increment(1);
+            wait.start();
         }
         // From here on we may be in the queue: every way out must leave it.
         let waiter_id = token.to_string();
         let _queued = self.fair.join(name, &waiter_id);
         tokio::pin!(gone);
-        let interest = tokio::select! {
-            interest = self.waiters.watch(&channel) => Some(interest),
-            () = sleep_until(deadline) => None,
-            () = &mut gone => None,
-            () = self.shutdown.cancelled() => None,
-        };
         let mut line: Option<Ticket> = None;
         let outcome = async {
-            let Some(interest) = &interest else {
-                return if self.shutdown.is_cancelled() {
-                    Err(LockError::ShuttingDown)
-                } else if Instant::now() >= deadline {
-                    Ok(Err(holder_ttl))
-                } else {
-                    Err(LockError::Cancelled)
-                };
+            let interest = tokio::select! {
+                interest = self.waiters.watch(&channel) => interest,
+                () = sleep_until(deadline) => return Ok(Err(holder_ttl)),
+                () = &mut gone => return Err(LockError::Cancelled),
+                () = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
             };
             let ticket = interest.fair_ticket(&waiter_id);
             loop {
@@ -398,9 +401,7 @@ impl LockEngine {
                     (Attempt::Granted(g), _) => return Ok(Ok(g)),
                     (Attempt::Busy { holder_ttl: ttl }, order) => {
                         holder_ttl = ttl;
-                        if !std::mem::replace(&mut waited, true) {
-                            metrics::counter!(telemetry::WAITS_STARTED).increment(1);
-                        }
+                        wait.start();
                         // Queued in Redis: a local release may hand us the lock when we are
                         // first in line. (order 0: the lock was just handed to us; the line
                         // we stand in already carries it.)
@@ -443,10 +444,7 @@ impl LockEngine {
             Some(handed) => self.late_hand_off(name, token, outcome, handed, Ok).await,
             None => outcome,
         };
-        drop(interest);
-        if waited {
-            count_wait(outcome.as_ref().map(Result::is_ok));
-        }
+        wait.finish(outcome.as_ref().map(Result::is_ok));
         if !matches!(outcome, Ok(Ok(_)))
             && let Err(error) = self.store.fair_leave(name, &waiter_id).await
         {
@@ -476,7 +474,7 @@ impl LockEngine {
         name: &LockName,
         token: Token,
     ) -> Result<Released, LockError> {
-        let channel = self.store.keys(name).channel;
+        let channel = self.store.channel(name);
         let Some(offer) = self.waiters.offer(&channel) else {
             return self
                 .release_once(name, token, None)
@@ -616,7 +614,7 @@ impl LockEngine {
         // trigger an immediate renewal, which tells whether the hold still owns the lock. What
         // happened before the subscription was in place, the first renewal (right after it)
         // finds out.
-        let interest = self.waiters.watch(&self.store.keys(name).channel).await;
+        let interest = self.waiters.watch(&self.store.channel(name)).await;
         let mut next = Instant::now();
         let mut first_check = true;
         let end = loop {

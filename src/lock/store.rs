@@ -110,8 +110,13 @@ impl LockKeys {
             lock: format!("{prefix}:{{{name}}}:lock"),
             waiters: format!("{prefix}:{{{name}}}:waiters"),
             queue: format!("{prefix}:{{{name}}}:queue"),
-            channel: format!("{prefix}:{{{name}}}:unlock"),
+            channel: Self::channel(prefix, name),
         }
+    }
+
+    /// The unlock channel alone, for callers on a hot path that need no key.
+    pub fn channel(prefix: &str, name: &LockName) -> String {
+        format!("{prefix}:{{{name}}}:unlock")
     }
 }
 
@@ -187,6 +192,11 @@ impl LockStore {
 
     pub fn keys(&self, name: &LockName) -> LockKeys {
         LockKeys::new(&self.prefix, name)
+    }
+
+    /// The lock's unlock channel (what local waiters watch).
+    pub fn channel(&self, name: &LockName) -> String {
+        LockKeys::channel(&self.prefix, name)
     }
 
     pub fn pool(&self) -> &Pool {
