@@ -302,6 +302,18 @@ struct Logged {
 
 type Grants = Arc<Mutex<Vec<Logged>>>;
 
+/// Counts a grant `client` waited `waited` for, and logs it. Call it while holding the lock:
+/// the log's order is then the grant order.
+fn log_grant(tally: &mut Tally, grants: &Grants, client: usize, queued_at: u64, waited: Duration) {
+    record(&mut tally.hist, waited);
+    tally.ops += 1;
+    grants.lock().expect("grant log").push(Logged {
+        client,
+        queued_at,
+        waited,
+    });
+}
+
 /// What a hot-lock run shows beyond its throughput and latency columns.
 struct HotFigures {
     handoffs_per_s: f64,
@@ -420,15 +432,7 @@ pub async fn hot_lock(
                         continue;
                     }
                 };
-                let waited = t.elapsed();
-                record(&mut tally.hist, waited);
-                // Logged while holding the lock: the log's order is the grant order.
-                grants.lock().expect("grant log").push(Logged {
-                    client: c,
-                    queued_at: grant.queued_at,
-                    waited,
-                });
-                tally.ops += 1;
+                log_grant(&mut tally, &grants, c, grant.queued_at, t.elapsed());
                 let released = client
                     .release(pb::ReleaseRequest {
                         name: name.into(),
@@ -519,14 +523,7 @@ pub async fn hot_lock_polling(redis_url: &str, duration: Duration) -> anyhow::Re
                         }
                     }
                 }
-                let waited = t.elapsed();
-                record(&mut tally.hist, waited);
-                grants.lock().expect("grant log").push(Logged {
-                    client: c,
-                    queued_at: 0,
-                    waited,
-                });
-                tally.ops += 1;
+                log_grant(&mut tally, &grants, c, 0, t.elapsed());
                 let del: Result<i64, _> = client
                     .eval(
                         "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
