@@ -10,7 +10,7 @@ use fred::{
     clients::Pool,
     interfaces::ClientLike,
     types::{
-        Builder,
+        Builder, FromValue,
         config::{Config as FredConfig, ReconnectPolicy},
         scripts::Script,
     },
@@ -216,9 +216,8 @@ impl LockStore {
         let keys = self.keys(name);
         let (waiter_id, wait_ms) = waiter.map_or(("", 0), |(id, left)| (id, millis(left).max(1)));
         let reply: Vec<i64> = self
-            .acquire
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.acquire,
                 vec![keys.lock, keys.waiters],
                 vec![
                     token.to_string(),
@@ -251,7 +250,7 @@ impl LockStore {
     pub async fn leave_waiters(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
         use fred::interfaces::SortedSetsInterface;
         let keys = self.keys(name);
-        let _: i64 = self.pool.next().zrem(keys.waiters, waiter_id).await?;
+        let _: i64 = Box::pin(self.pool.next().zrem(keys.waiters, waiter_id)).await?;
         Ok(())
     }
 
@@ -274,9 +273,8 @@ impl LockStore {
             None => (String::new(), "0".to_owned(), "plain", "0".to_owned()),
         };
         let reply: Vec<i64> = self
-            .release
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.release,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![
                     token.to_string(),
@@ -315,9 +313,8 @@ impl LockStore {
     ) -> Result<Result<Duration, NotOwner>, StoreError> {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
-            .extend
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.extend,
                 vec![keys.lock],
                 vec![
                     token.to_string(),
@@ -338,9 +335,8 @@ impl LockStore {
     pub async fn inspect(&self, name: &LockName) -> Result<LockState, StoreError> {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
-            .inspect
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.inspect,
                 vec![keys.lock, keys.waiters],
                 Vec::<String>::new(),
             )
@@ -360,9 +356,8 @@ impl LockStore {
     pub async fn force_release(&self, name: &LockName) -> Result<bool, StoreError> {
         let keys = self.keys(name);
         let released: i64 = self
-            .force_release
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.force_release,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![self.linger_ms.to_string(), keys.channel],
             )
@@ -383,9 +378,8 @@ impl LockStore {
     ) -> Result<(Attempt, u64), StoreError> {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
-            .fair_acquire
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.fair_acquire,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![
                     token.to_string(),
@@ -429,9 +423,8 @@ impl LockStore {
         args.push(millis(alive).to_string());
         args.extend(waiter_ids.iter().cloned());
         let head: Option<String> = self
-            .fair_refresh
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.fair_refresh,
                 vec![keys.lock, keys.waiters, keys.queue],
                 args,
             )
@@ -444,14 +437,26 @@ impl LockStore {
     pub async fn fair_leave(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
         let keys = self.keys(name);
         let _: i64 = self
-            .fair_leave
-            .evalsha_with_reload(
-                self.pool.next(),
+            .run(
+                &self.fair_leave,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![waiter_id.to_owned(), keys.channel],
             )
             .await?;
         Ok(())
+    }
+
+    /// Runs `script` on the next pooled connection (EVALSHA, reloaded on NOSCRIPT).
+    ///
+    /// The call is boxed: fred's EVALSHA future is several kilobytes, and kept inline it
+    /// would make every future that awaits a script that large, copied on each spawn and box.
+    async fn run<R: FromValue>(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<R, fred::error::Error> {
+        Box::pin(script.evalsha_with_reload(self.pool.next(), keys, args)).await
     }
 
     /// A round trip to Redis, for health checks.
