@@ -10,6 +10,7 @@
 //! ```
 
 // The tests' private redis-server harness; the bench uses only part of it.
+mod cpu;
 #[allow(dead_code)]
 #[path = "../../../tests/common/redis.rs"]
 mod redis;
@@ -23,6 +24,7 @@ use std::{
 };
 
 use clap::{Parser, ValueEnum};
+use cpu::CpuMeter;
 use fred::{interfaces::ClientLike, prelude::Client};
 use redis::{RedisServer, free_port};
 use report::Row;
@@ -183,19 +185,37 @@ async fn main() -> anyhow::Result<()> {
     redis_client.init().await?;
     println!("latchkey-bench on {}, release build, loopback", machine());
 
+    // Every row says what each process spent per operation (see `cpu`).
+    let processes = |latchkey: &Server| {
+        [
+            ("latchkey", latchkey.child.id()),
+            ("Redis", redis.pid()),
+            ("bench", std::process::id()),
+        ]
+    };
+    let meter = || CpuMeter::start(&processes(&server));
     let mut rows: Vec<Row> = Vec::new();
     if wants(Scenario::Uncontended) {
-        rows.push(scenarios::uncontended(&server.addr, cli.duration).await?);
-        rows.push(scenarios::uncontended_grpc_only(&server.addr, cli.duration).await?);
-        rows.push(scenarios::uncontended_floor(&redis.url(), cli.duration).await?);
+        let m = meter()?;
+        rows.push(m.finish(scenarios::uncontended(&server.addr, cli.duration).await?)?);
+        let m = meter()?;
+        rows.push(m.finish(scenarios::uncontended_grpc_only(&server.addr, cli.duration).await?)?);
+        let m = meter()?;
+        rows.push(m.finish(scenarios::uncontended_floor(&redis.url(), cli.duration).await?)?);
     }
     if wants(Scenario::HotLock) {
+        let m = meter()?;
         let (plain, plain_p99) =
             scenarios::hot_lock(&server.addr, cli.duration, cli.hot_lock_clients, false).await?;
+        let plain = m.finish(plain)?;
+        let m = meter()?;
         let (fair, fair_p99) =
             scenarios::hot_lock(&server.addr, cli.duration, cli.hot_lock_clients, true).await?;
+        let fair = m.finish(fair)?;
+        let m = meter()?;
         let (polling, polling_p99) =
             scenarios::hot_lock_polling(&redis.url(), cli.duration).await?;
+        let polling = m.finish(polling)?;
         let vs = |p99: f64| {
             let ratio = polling_p99 / p99.max(0.001);
             (format!("{ratio:.1} (target >= 10)"), ratio >= 10.0)
@@ -229,20 +249,22 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants(Scenario::ReduceStock) {
         let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-        rows.push(
-            scenarios::reduce_stock(&server.addr, "SQLite", cli.requests, cli.requests, &run)
-                .await?,
-        );
-        rows.push(scenarios::reduce_stock(&server.addr, "SQLite", 100, cli.requests, &run).await?);
+        for stock in [cli.requests, 100] {
+            let m = meter()?;
+            let row =
+                scenarios::reduce_stock(&server.addr, "SQLite", stock, cli.requests, &run).await?;
+            rows.push(m.finish(row)?);
+        }
         if let Some(admin) = &cli.postgres_url {
             let pg = Server::start(&redis, Some(&postgres_database(admin).await?)).await?;
-            rows.push(
-                scenarios::reduce_stock(&pg.addr, "PostgreSQL", cli.requests, cli.requests, &run)
-                    .await?,
-            );
-            rows.push(
-                scenarios::reduce_stock(&pg.addr, "PostgreSQL", 100, cli.requests, &run).await?,
-            );
+            // PostgreSQL's own CPU is not counted: it runs as many processes.
+            for stock in [cli.requests, 100] {
+                let m = CpuMeter::start(&processes(&pg))?;
+                let row =
+                    scenarios::reduce_stock(&pg.addr, "PostgreSQL", stock, cli.requests, &run)
+                        .await?;
+                rows.push(m.finish(row)?);
+            }
         } else {
             eprintln!("reduce-stock on PostgreSQL skipped: no --postgres-url");
         }

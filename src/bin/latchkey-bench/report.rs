@@ -24,6 +24,8 @@ pub struct Row {
     /// Operations per second, in `unit`.
     pub throughput: f64,
     pub unit: String,
+    /// Operations counted in `throughput`.
+    pub ops: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -44,6 +46,7 @@ impl Row {
             variant: variant.into(),
             throughput: 0.0,
             unit: String::new(),
+            ops: 0,
             p50_ms: 0.0,
             p99_ms: 0.0,
             max_ms: 0.0,
@@ -58,6 +61,7 @@ impl Row {
     pub fn throughput(mut self, ops: u64, elapsed: Duration, unit: &str) -> Self {
         self.throughput = ops as f64 / elapsed.as_secs_f64().max(1e-9);
         self.unit = unit.into();
+        self.ops = ops;
         self
     }
 
