@@ -3,26 +3,31 @@
 
 mod common;
 
-use std::{collections::HashMap, sync::OnceLock, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use common::*;
 use fred::prelude::*;
 use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
-use proptest::prelude::*;
+use proptest::{
+    prelude::*,
+    test_runner::{TestCaseError, TestRunner},
+};
 use tokio::runtime::Runtime;
 use tonic::{Code, transport::Channel};
 
-/// One Redis and one latchkey for all cases of this file, on a runtime of their own.
+/// One Redis and one latchkey for all cases of one property, on a runtime of their own. Each
+/// property owns its `Live`, so its redis-server is stopped when the property ends (a shared
+/// static would never be dropped, and its redis-server would outlive the test run).
 struct Live {
-    runtime: Runtime,
-    _redis: RedisServer,
-    redis_client: Client,
+    // Dropped in this order: the server, then Redis, then the runtime they ran on.
     server: Latchkey,
+    redis_client: Client,
+    _redis: RedisServer,
+    runtime: Runtime,
 }
 
-fn live() -> &'static Live {
-    static LIVE: OnceLock<Live> = OnceLock::new();
-    LIVE.get_or_init(|| {
+impl Live {
+    fn start() -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -31,18 +36,35 @@ fn live() -> &'static Live {
         let redis = RedisServer::start();
         let (server, redis_client) =
             runtime.block_on(async { (Latchkey::start(&redis).await, redis.client().await) });
-        Live {
-            runtime,
-            _redis: redis,
-            redis_client,
+        Self {
             server,
+            redis_client,
+            _redis: redis,
+            runtime,
         }
-    })
-}
+    }
 
-fn client() -> LockServiceClient<Channel> {
-    let live = live();
-    live.runtime.block_on(live.server.locks())
+    fn client(&self) -> LockServiceClient<Channel> {
+        self.runtime.block_on(self.server.locks())
+    }
+
+    /// Runs `case` on `cases` generated values of `strategy`; panics with the smallest failing
+    /// value proptest finds.
+    fn check<S: Strategy>(
+        &self,
+        cases: u32,
+        strategy: S,
+        case: impl Fn(S::Value) -> Result<(), TestCaseError>,
+    ) {
+        let config = ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
+        if let Err(failure) = TestRunner::new(config).run(&strategy, case) {
+            panic!("{failure}");
+        }
+    }
 }
 
 fn duration() -> impl Strategy<Value = Option<prost_types::Duration>> {
@@ -65,54 +87,70 @@ fn name() -> impl Strategy<Value = String> {
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
-
-    /// Any AcquireRequest is answered OK or INVALID_ARGUMENT (naming a field), never an
-    /// internal error; a refused one creates no Redis key.
-    #[test]
-    fn any_acquire_request_is_granted_refused_or_rejected_by_field(
-        name in name(),
-        lease in duration(),
-        wait in duration(),
-        token in prop_oneof![Just(String::new()), "[0-9a-f-]{0,40}"],
-    ) {
-        let live = live();
-        let mut c = client();
-        let request = pb::AcquireRequest { name: name.clone(), lease, wait_timeout: wait, token, fair: false };
-        // This name's lock as Redis holds it, before and after (other cases run in parallel
-        // on the same Redis, so only this name's keys are compared).
-        let key = format!("latchkey:{{{name}}}:lock");
-        let answer = live.runtime.block_on(async {
-            let before: HashMap<String, String> = live.redis_client.hgetall(&key).await.unwrap();
-            let answer = tokio::time::timeout(Duration::from_secs(10), c.acquire(request)).await;
-            let after: HashMap<String, String> = live.redis_client.hgetall(&key).await.unwrap();
-            (answer, before, after)
-        });
-        let (answer, before, after) = answer;
-        let answer = answer.expect("answered at once: names are fresh, so nobody holds them");
-        match answer {
-            Ok(granted) => {
-                let granted = granted.into_inner();
-                if granted.acquired {
-                    let mut c = client();
-                    let released = live.runtime.block_on(c.release(pb::ReleaseRequest { name, token: granted.token }));
-                    prop_assert!(released.is_ok());
+/// Any AcquireRequest is answered OK or INVALID_ARGUMENT (naming a field), never an internal
+/// error; a refused one creates no Redis key.
+#[test]
+fn any_acquire_request_is_granted_refused_or_rejected_by_field() {
+    let live = Live::start();
+    let token = prop_oneof![Just(String::new()), "[0-9a-f-]{0,40}"];
+    live.check(
+        200,
+        (name(), duration(), duration(), token),
+        |(name, lease, wait, token)| {
+            let mut c = live.client();
+            let request = pb::AcquireRequest {
+                name: name.clone(),
+                lease,
+                wait_timeout: wait,
+                token,
+                fair: false,
+            };
+            // This name's lock as Redis holds it, before and after (other cases run in parallel
+            // on the same Redis, so only this name's keys are compared).
+            let key = format!("latchkey:{{{name}}}:lock");
+            let answer = live.runtime.block_on(async {
+                let before: HashMap<String, String> =
+                    live.redis_client.hgetall(&key).await.unwrap();
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(10), c.acquire(request)).await;
+                let after: HashMap<String, String> = live.redis_client.hgetall(&key).await.unwrap();
+                (answer, before, after)
+            });
+            let (answer, before, after) = answer;
+            let answer = answer.expect("answered at once: names are fresh, so nobody holds them");
+            match answer {
+                Ok(granted) => {
+                    let granted = granted.into_inner();
+                    if granted.acquired {
+                        let mut c = live.client();
+                        let released = live.runtime.block_on(c.release(pb::ReleaseRequest {
+                            name,
+                            token: granted.token,
+                        }));
+                        prop_assert!(released.is_ok());
+                    }
+                }
+                Err(status) => {
+                    prop_assert!(
+                        matches!(
+                            status.code(),
+                            Code::InvalidArgument | Code::FailedPrecondition
+                        ),
+                        "{status:?}"
+                    );
+                    if status.code() == Code::InvalidArgument {
+                        let field = status.message().split(':').next().unwrap_or_default();
+                        prop_assert!(
+                            ["name", "lease", "wait_timeout", "token"].contains(&field),
+                            "{status:?}"
+                        );
+                        prop_assert_eq!(before, after, "a rejected request touched Redis");
+                    }
                 }
             }
-            Err(status) => {
-                prop_assert!(
-                    matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition),
-                    "{status:?}"
-                );
-                if status.code() == Code::InvalidArgument {
-                    let field = status.message().split(':').next().unwrap_or_default();
-                    prop_assert!(["name", "lease", "wait_timeout", "token"].contains(&field), "{status:?}");
-                    prop_assert_eq!(before, after, "a rejected request touched Redis");
-                }
-            }
-        }
-    }
+            Ok(())
+        },
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -134,16 +172,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
-
-    /// Sequences of operations on a few names, with tokens that are current, stale, of another
-    /// lock or never issued: every answer matches the model (at most one owner per name, hold
-    /// counts, only the owner's token acts), and Inspect agrees.
-    #[test]
-    fn operation_sequences_match_the_lock_model(ops in prop::collection::vec(op(), 1..30)) {
-        let live = live();
-        let mut c = client();
+/// Sequences of operations on a few names, with tokens that are current, stale, of another lock
+/// or never issued: every answer matches the model (at most one owner per name, hold counts,
+/// only the owner's token acts), and Inspect agrees.
+#[test]
+fn operation_sequences_match_the_lock_model() {
+    let live = Live::start();
+    live.check(40, prop::collection::vec(op(), 1..30), |ops| {
+        let mut c = live.client();
         let run = uuid::Uuid::new_v4().simple().to_string();
         let names: Vec<String> = (0..3).map(|i| format!("model/{run}/{i}")).collect();
         // Tokens seen so far (some never issued), and the model: name -> (token, holds).
@@ -154,7 +190,11 @@ proptest! {
             live.runtime.block_on(async {
                 match op {
                     Op::Acquire { name } => {
-                        let request = pb::AcquireRequest { name: names[name].clone(), lease, ..Default::default() };
+                        let request = pb::AcquireRequest {
+                            name: names[name].clone(),
+                            lease,
+                            ..Default::default()
+                        };
                         let answer = c.acquire(request).await.expect("acquire").into_inner();
                         match model.get(&name) {
                             Some(_) => assert!(!answer.acquired, "{name} is held: no second owner"),
@@ -167,41 +207,78 @@ proptest! {
                     }
                     Op::Reenter { name, token } => {
                         let token = tokens[token % tokens.len()].clone();
-                        let request = pb::AcquireRequest { name: names[name].clone(), lease, token: token.clone(), ..Default::default() };
+                        let request = pb::AcquireRequest {
+                            name: names[name].clone(),
+                            lease,
+                            token: token.clone(),
+                            ..Default::default()
+                        };
                         let answer = c.acquire(request).await;
                         match model.get_mut(&name) {
                             Some((owner, holds)) if *owner == token => {
                                 *holds += 1;
-                                assert_eq!(answer.expect("re-entry").into_inner().hold_count, *holds);
+                                assert_eq!(
+                                    answer.expect("re-entry").into_inner().hold_count,
+                                    *holds
+                                );
                             }
-                            _ => assert_eq!(answer.expect_err("not the owner").code(), Code::FailedPrecondition),
+                            _ => assert_eq!(
+                                answer.expect_err("not the owner").code(),
+                                Code::FailedPrecondition
+                            ),
                         }
                     }
                     Op::Release { name, token } => {
                         let token = tokens[token % tokens.len()].clone();
-                        let answer = c.release(pb::ReleaseRequest { name: names[name].clone(), token: token.clone() }).await;
+                        let answer = c
+                            .release(pb::ReleaseRequest {
+                                name: names[name].clone(),
+                                token: token.clone(),
+                            })
+                            .await;
                         match model.get_mut(&name) {
                             Some((owner, holds)) if *owner == token => {
                                 *holds -= 1;
                                 let answer = answer.expect("the owner releases").into_inner();
-                                assert_eq!((answer.released, answer.hold_count), (*holds == 0, *holds));
+                                assert_eq!(
+                                    (answer.released, answer.hold_count),
+                                    (*holds == 0, *holds)
+                                );
                                 if *holds == 0 {
                                     model.remove(&name);
                                 }
                             }
-                            _ => assert_eq!(answer.expect_err("not the owner").code(), Code::FailedPrecondition),
+                            _ => assert_eq!(
+                                answer.expect_err("not the owner").code(),
+                                Code::FailedPrecondition
+                            ),
                         }
                     }
                     Op::Extend { name, token } => {
                         let token = tokens[token % tokens.len()].clone();
-                        let answer = c.extend(pb::ExtendRequest { name: names[name].clone(), token: token.clone(), lease }).await;
+                        let answer = c
+                            .extend(pb::ExtendRequest {
+                                name: names[name].clone(),
+                                token: token.clone(),
+                                lease,
+                            })
+                            .await;
                         match model.get(&name) {
                             Some((owner, _)) if *owner == token => assert!(answer.is_ok()),
-                            _ => assert_eq!(answer.expect_err("not the owner").code(), Code::FailedPrecondition),
+                            _ => assert_eq!(
+                                answer.expect_err("not the owner").code(),
+                                Code::FailedPrecondition
+                            ),
                         }
                     }
                     Op::Inspect { name } => {
-                        let state = c.inspect(pb::InspectRequest { name: names[name].clone() }).await.expect("inspect").into_inner();
+                        let state = c
+                            .inspect(pb::InspectRequest {
+                                name: names[name].clone(),
+                            })
+                            .await
+                            .expect("inspect")
+                            .into_inner();
                         match model.get(&name) {
                             Some((_, holds)) => assert!(state.held && state.hold_count == *holds),
                             None => assert!(!state.held),
@@ -212,11 +289,16 @@ proptest! {
         }
         // Clean up what the model still holds.
         for (name, (token, _)) in model {
-            let mut c = client();
-            let _ = live.runtime.block_on(c.force_release(pb::ForceReleaseRequest { name: names[name].clone() }));
+            let mut c = live.client();
+            let _ = live
+                .runtime
+                .block_on(c.force_release(pb::ForceReleaseRequest {
+                    name: names[name].clone(),
+                }));
             let _ = token;
         }
-    }
+        Ok(())
+    });
 }
 
 #[derive(Debug, Clone)]
@@ -238,23 +320,28 @@ fn stock_op() -> impl Strategy<Value = StockOp> {
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 25, failure_persistence: None, ..ProptestConfig::default() })]
-
-    /// Sequences of ReduceStock / RestoreStock (order ids reused on purpose) against a model:
-    /// all or nothing, once per order id, restores once, and the stock always equals the model.
-    #[test]
-    fn stock_operation_sequences_match_the_ledger_model(ops in prop::collection::vec(stock_op(), 1..25)) {
-        let live = live();
+/// Sequences of ReduceStock / RestoreStock (order ids reused on purpose) against a model: all or
+/// nothing, once per order id, restores once, and the stock always equals the model.
+#[test]
+fn stock_operation_sequences_match_the_ledger_model() {
+    let live = Live::start();
+    live.check(25, prop::collection::vec(stock_op(), 1..25), |ops| {
         let run = uuid::Uuid::new_v4().simple().to_string();
         let products: Vec<String> = (0..3).map(|i| format!("prop-{run}-{i}")).collect();
         let mut levels = [10u64; 3];
         // order -> (merged items, restored)
         let mut orders: HashMap<usize, (Vec<(usize, u64)>, bool)> = HashMap::new();
         live.runtime.block_on(async {
-            let mut stock = pb::stock_service_client::StockServiceClient::new(live.server.channel().await);
+            let mut stock =
+                pb::stock_service_client::StockServiceClient::new(live.server.channel().await);
             for product in &products {
-                stock.set_stock(pb::SetStockRequest { product_id: product.clone(), stock: 10 }).await.unwrap();
+                stock
+                    .set_stock(pb::SetStockRequest {
+                        product_id: product.clone(),
+                        stock: 10,
+                    })
+                    .await
+                    .unwrap();
             }
             for op in ops {
                 match op {
@@ -266,7 +353,13 @@ proptest! {
                         let merged: Vec<(usize, u64)> = merged.into_iter().collect();
                         let request = pb::ReduceStockRequest {
                             order_id: format!("{run}-{order}"),
-                            items: items.iter().map(|(p, q)| pb::StockItem { product_id: products[*p].clone(), quantity: *q }).collect(),
+                            items: items
+                                .iter()
+                                .map(|(p, q)| pb::StockItem {
+                                    product_id: products[*p].clone(),
+                                    quantity: *q,
+                                })
+                                .collect(),
                             wait_timeout: None,
                         };
                         let answer = stock.reduce_stock(request).await;
@@ -274,7 +367,10 @@ proptest! {
                             Some((previous, _)) if *previous == merged => {
                                 assert!(answer.expect("a replay").into_inner().replayed);
                             }
-                            Some(_) => assert_eq!(answer.expect_err("reused id").code(), Code::AlreadyExists),
+                            Some(_) => assert_eq!(
+                                answer.expect_err("reused id").code(),
+                                Code::AlreadyExists
+                            ),
                             None if merged.iter().all(|(p, q)| levels[*p] >= *q) => {
                                 let answer = answer.expect("enough stock").into_inner();
                                 assert!(!answer.replayed);
@@ -283,11 +379,17 @@ proptest! {
                                 }
                                 orders.insert(order, (merged, false));
                             }
-                            None => assert_eq!(answer.expect_err("short").code(), Code::FailedPrecondition),
+                            None => assert_eq!(
+                                answer.expect_err("short").code(),
+                                Code::FailedPrecondition
+                            ),
                         }
                     }
                     StockOp::Restore { order } => {
-                        let request = pb::RestoreStockRequest { order_id: format!("{run}-{order}"), wait_timeout: None };
+                        let request = pb::RestoreStockRequest {
+                            order_id: format!("{run}-{order}"),
+                            wait_timeout: None,
+                        };
                         let answer = stock.restore_stock(request).await;
                         match orders.get_mut(&order) {
                             Some((items, restored)) => {
@@ -300,15 +402,28 @@ proptest! {
                                     *restored = true;
                                 }
                             }
-                            None => assert_eq!(answer.expect_err("unknown order").code(), Code::NotFound),
+                            None => assert_eq!(
+                                answer.expect_err("unknown order").code(),
+                                Code::NotFound
+                            ),
                         }
                     }
                 }
                 for (i, product) in products.iter().enumerate() {
-                    let level = stock.get_stock(pb::GetStockRequest { product_id: product.clone() }).await.unwrap();
-                    assert_eq!(level.into_inner().level.unwrap().stock, levels[i], "{product}");
+                    let level = stock
+                        .get_stock(pb::GetStockRequest {
+                            product_id: product.clone(),
+                        })
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        level.into_inner().level.unwrap().stock,
+                        levels[i],
+                        "{product}"
+                    );
                 }
             }
         });
-    }
+        Ok(())
+    });
 }
