@@ -15,6 +15,7 @@ use std::{
 };
 
 use common::*;
+use fred::interfaces::ClientLike;
 use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use tokio::task::JoinSet;
@@ -250,4 +251,75 @@ async fn local_hand_offs_never_pass_over_a_waiter_of_another_replica() {
     while let Some(done) = locals.join_next().await {
         done.expect("local client");
     }
+}
+
+/// Redis is paused (CLIENT PAUSE) past the release's Redis timeout: the holder hears
+/// UNAVAILABLE, but its release script runs once the pause ends and hands the lock to the
+/// waiting client. That client must get the lock then, not at the end of the 60 s lease it
+/// now owns in Redis without knowing.
+async fn a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(fair: bool) {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.locks.fair_waiter_timeout = secs(60);
+    config.redis.redis_timeout = ms(300);
+    let server = Latchkey::start_with(config).await;
+    let name = if fair { "lost/fair" } else { "lost/plain" };
+
+    let mut holder = server.locks().await;
+    // One release first, so Redis has the release script loaded: a release that must load it
+    // again (NOSCRIPT) after its first try timed out never runs at all.
+    let warm_up = holder
+        .acquire(request("lost/warm-up", secs(1), fair))
+        .await
+        .expect("acquire")
+        .into_inner();
+    release(&mut holder, "lost/warm-up", warm_up.token).await;
+    let held = holder
+        .acquire(request(name, secs(1), fair))
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert!(held.acquired, "the lock starts free");
+    let mut waiter = server.locks().await;
+    let waiting = tokio::spawn(async move {
+        let grant = waiter.acquire(request(name, secs(20), fair)).await;
+        (waiter, grant)
+    });
+    wait_for_waiters(&holder, name, 1, secs(10)).await;
+
+    let admin = redis.client().await;
+    let _: () = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1500"])
+        .await
+        .expect("CLIENT PAUSE");
+    let lost = holder
+        .release(pb::ReleaseRequest {
+            name: name.into(),
+            token: held.token,
+        })
+        .await
+        .expect_err("Redis is paused past the release's timeout");
+    assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
+
+    let (mut waiter, grant) = waiting.await.expect("waiter task");
+    let grant = grant.expect("acquire").into_inner();
+    assert!(
+        grant.acquired,
+        "the lock the release handed over never reached its waiter"
+    );
+    assert!(grant.fence > held.fence, "a hand-off is a new grant");
+    let state = inspect(&holder, name).await;
+    assert!(state.held && state.hold_count == 1, "{state:?}");
+    release(&mut waiter, name, grant.token).await;
+    assert!(!inspect(&holder, name).await.held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter() {
+    a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter() {
+    a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(true).await;
 }

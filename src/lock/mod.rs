@@ -21,6 +21,8 @@
 //!   plain lock, any local waiter when no other replica has one): one script instead of free,
 //!   publish, wake, retry. The waiter is told in-process; if it left meanwhile, the lock is
 //!   released again on its behalf (and may be handed on), so a hand-off never strands a lock.
+//!   If the release's answer is lost (timed out, or a retried command), the engine asks Redis
+//!   whether the lock went to the waiter and tells it if so (`settle`).
 //!
 //! Layout: `request` (typed, validated inputs), `store` (Redis keys and scripts), `waiters`
 //! (pub/sub wake-ups), `fair` (the queue refresher).
@@ -33,7 +35,10 @@ pub mod waiters;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::time::{Instant, sleep_until};
+use tokio::{
+    sync::oneshot,
+    time::{Instant, sleep_until},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -173,6 +178,9 @@ pub struct LockEngine {
     /// Caps on waiting callers.
     admission: admission::Admission,
 }
+
+/// First pause before `settle` asks Redis again while it is unavailable (doubling to 1 s).
+const SETTLE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Slack added to a holder's TTL before retrying, so the retry lands after the lease ended
 /// even with Redis' millisecond rounding.
@@ -479,53 +487,86 @@ impl LockEngine {
             return self
                 .release_once(name, token, None)
                 .await
+                .0
                 .map(Step::released);
         };
         // Once the script may hand the lock over, the waiter must hear of it even if our own
         // caller stops waiting for us (a cancelled RPC drops this future): finish in a task.
         let engine = self.clone();
         let name = name.clone();
+        let (answer, answered) = oneshot::channel();
         tokio::spawn(async move {
-            let first = engine.release_once(&name, token, Some(offer)).await;
+            let (first, unsettled) = engine.release_once(&name, token, Some(offer)).await;
             let mut orphaned = first.as_ref().ok().and_then(Step::orphaned);
+            let mut result = first.map(Step::released);
+            let mut answer = Some(answer);
+            if let Some(offer) = unsettled {
+                // A lost reply is reported as it is, at once. "Another owner" may be this very
+                // release, retried by fred after its first run handed the lock over: that
+                // caller hears back once it is settled.
+                let retried = matches!(result, Err(LockError::NotOwner(NotOwner::OtherOwner)));
+                if !retried && let Some(answer) = answer.take() {
+                    let _ = answer.send(result.clone());
+                }
+                let settled = engine.settle(&name, offer).await;
+                if retried && settled.is_some() {
+                    result = Ok(Released::Free);
+                }
+                orphaned = settled.and_then(|step| step.orphaned());
+            }
+            if let Some(answer) = answer {
+                let _ = answer.send(result);
+            }
             while let Some(token) = orphaned {
                 let offer = engine.waiters.offer(&channel);
-                orphaned = match engine.release_once(&name, token, offer).await {
-                    Ok(step) => step.orphaned(),
-                    Err(error) => {
+                let (step, unsettled) = engine.release_once(&name, token, offer).await;
+                orphaned = match (step, unsettled) {
+                    (_, Some(offer)) => {
+                        engine.settle(&name, offer).await.and_then(|s| s.orphaned())
+                    }
+                    (Ok(step), None) => step.orphaned(),
+                    (Err(error), None) => {
                         warn!(lock = %name, %error, "could not release a lock handed to a waiter that left; it frees at lease end");
                         None
                     }
                 };
             }
-            first.map(Step::released)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(LockError::Store(StoreError::Unexpected(format!(
-                "the release task failed: {e}"
-            ))))
+        });
+        answered.await.unwrap_or_else(|_| {
+            Err(LockError::Store(StoreError::Unexpected(
+                "the release task ended without an answer".into(),
+            )))
         })
     }
 
     /// One release script, offering the lock to `offer`'s candidate if there is one. The offer
-    /// goes back into the line unless the lock was handed to it.
+    /// goes back into the line unless the lock was handed to it, or unless it is not known
+    /// whether it was: then it is returned, for `settle`.
     async fn release_once(
         &self,
         name: &LockName,
         token: Token,
         offer: Option<Offer>,
-    ) -> Result<Step, LockError> {
+    ) -> (Result<Step, LockError>, Option<Offer>) {
         let hand_off = offer.as_ref().map(Offer::hand_off);
         let reply = self.store.release(name, token, hand_off).await;
+        let mut unsettled = None;
         let reply = match (reply, offer) {
             (Ok(Ok(ReleaseReply::Handed(granted))), Some(offer)) => {
                 let to = offer.candidate.token;
                 metrics::counter!(telemetry::HAND_OFFS).increment(1);
-                return Ok(match offer.candidate.deliver(granted) {
+                let step = match offer.candidate.deliver(granted) {
                     Ok(()) => Step::Released(Released::Free),
                     Err(_) => Step::Orphaned(to),
-                });
+                };
+                return (Ok(step), None);
+            }
+            // The script may have run and handed the lock over without us hearing of it: its
+            // reply was lost (timed out), or fred retried it after a dropped connection and the
+            // retry found the lock already handed (another owner).
+            (reply @ (Err(_) | Ok(Err(NotOwner::OtherOwner))), Some(offer)) => {
+                unsettled = Some(offer);
+                reply
             }
             (reply, offer) => {
                 if let Some(offer) = offer {
@@ -534,7 +575,7 @@ impl LockEngine {
                 reply
             }
         };
-        match reply {
+        let step = match reply {
             Ok(Ok(ReleaseReply::Released(released))) => Ok(Step::Released(released)),
             Ok(Ok(ReleaseReply::Handed(_))) => Err(self.store_error(
                 "release",
@@ -542,6 +583,45 @@ impl LockEngine {
             )),
             Ok(Err(why)) => Err(LockError::NotOwner(why)),
             Err(e) => Err(self.store_error("release", e)),
+        };
+        (step, unsettled)
+    }
+
+    /// A release that offered the lock to `offer`'s candidate lost its answer, so whether
+    /// `release.lua` handed the lock over is unknown. Asks Redis (on the lock's connection, so
+    /// after that release ran), retrying while Redis is unavailable for at most the
+    /// candidate's lease (a lock handed over and never claimed frees by then anyway). Delivers
+    /// the lock if it was handed over; otherwise the candidate goes back into the line.
+    /// Returns what the release did when it did hand the lock over (`Orphaned` if the
+    /// candidate left meanwhile), None when it did not (or it could not be learned).
+    async fn settle(&self, name: &LockName, offer: Offer) -> Option<Step> {
+        let to = offer.candidate.token;
+        let give_up = Instant::now() + offer.candidate.lease.get();
+        let mut backoff = SETTLE_BACKOFF;
+        loop {
+            match self.store.handed_to(name, to).await {
+                Ok(Some(granted)) => {
+                    metrics::counter!(telemetry::HAND_OFFS).increment(1);
+                    return Some(match offer.candidate.deliver(granted) {
+                        Ok(()) => Step::Released(Released::Free),
+                        Err(_) => Step::Orphaned(to),
+                    });
+                }
+                Ok(None) => {
+                    offer.decline();
+                    return None;
+                }
+                Err(error) => {
+                    let error = self.store_error("acquire", error);
+                    if Instant::now() + backoff >= give_up {
+                        warn!(lock = %name, %error, "could not learn whether a release handed the lock to a waiter of this process; if it did, the lock frees at lease end");
+                        offer.decline();
+                        return None;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
         }
     }
 

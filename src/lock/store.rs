@@ -2,12 +2,16 @@
 //!
 //! Every call is one EVALSHA (reloaded on NOSCRIPT), so each operation on a lock is atomic in
 //! Redis. All keys and the channel of one lock share the hash tag `{name}`, so a lock lives in
-//! one Redis Cluster slot.
+//! one Redis Cluster slot. All commands for one lock go over the same pooled connection, so
+//! Redis runs them in the order latchkey sent them.
 
-use std::time::Duration;
+use std::{
+    hash::{DefaultHasher, Hash, Hasher},
+    time::Duration,
+};
 
 use fred::{
-    clients::Pool,
+    clients::{Client, Pool},
     interfaces::ClientLike,
     types::{
         Builder, FromValue,
@@ -217,6 +221,7 @@ impl LockStore {
         let (waiter_id, wait_ms) = waiter.map_or(("", 0), |(id, left)| (id, millis(left).max(1)));
         let reply: Vec<i64> = self
             .run(
+                name,
                 &self.acquire,
                 vec![keys.lock, keys.waiters],
                 vec![
@@ -246,11 +251,47 @@ impl LockStore {
         }
     }
 
+    /// Whether the lock belongs to `token` now, with the lease it has left: asked after a
+    /// release that may have handed it over lost its answer. Changes nothing. Runs on the
+    /// lock's connection, so Redis answers it only after a release sent before it.
+    pub async fn handed_to(
+        &self,
+        name: &LockName,
+        token: Token,
+    ) -> Result<Option<Granted>, StoreError> {
+        let keys = self.keys(name);
+        let reply: Vec<i64> = self
+            .run(
+                name,
+                &self.acquire,
+                vec![keys.lock, keys.waiters],
+                vec![
+                    token.to_string(),
+                    "h".to_owned(),
+                    "0".to_owned(),
+                    self.linger_ms.to_string(),
+                    String::new(),
+                    "0".to_owned(),
+                ],
+            )
+            .await?;
+        match reply.as_slice() {
+            [1, fence, holds, lease_ms] => Ok(Some(Granted {
+                fence: to_u64(*fence),
+                holds: to_u32(*holds),
+                lease: Duration::from_millis(to_u64(*lease_ms)),
+                queued_at: 0,
+            })),
+            [0, _] => Ok(None),
+            _ => Err(StoreError::unexpected("acquire", &reply)),
+        }
+    }
+
     /// Removes a waiter entry that will not be granted (timed out, cancelled).
     pub async fn leave_waiters(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
         use fred::interfaces::SortedSetsInterface;
         let keys = self.keys(name);
-        let _: i64 = Box::pin(self.pool.next().zrem(keys.waiters, waiter_id)).await?;
+        let _: i64 = Box::pin(self.client_for(name).zrem(keys.waiters, waiter_id)).await?;
         Ok(())
     }
 
@@ -274,6 +315,7 @@ impl LockStore {
         };
         let reply: Vec<i64> = self
             .run(
+                name,
                 &self.release,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![
@@ -314,6 +356,7 @@ impl LockStore {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
             .run(
+                name,
                 &self.extend,
                 vec![keys.lock],
                 vec![
@@ -336,6 +379,7 @@ impl LockStore {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
             .run(
+                name,
                 &self.inspect,
                 vec![keys.lock, keys.waiters],
                 Vec::<String>::new(),
@@ -357,6 +401,7 @@ impl LockStore {
         let keys = self.keys(name);
         let released: i64 = self
             .run(
+                name,
                 &self.force_release,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![self.linger_ms.to_string(), keys.channel],
@@ -379,6 +424,7 @@ impl LockStore {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
             .run(
+                name,
                 &self.fair_acquire,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![
@@ -424,6 +470,7 @@ impl LockStore {
         args.extend(waiter_ids.iter().cloned());
         let head: Option<String> = self
             .run(
+                name,
                 &self.fair_refresh,
                 vec![keys.lock, keys.waiters, keys.queue],
                 args,
@@ -438,6 +485,7 @@ impl LockStore {
         let keys = self.keys(name);
         let _: i64 = self
             .run(
+                name,
                 &self.fair_leave,
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![waiter_id.to_owned(), keys.channel],
@@ -446,17 +494,28 @@ impl LockStore {
         Ok(())
     }
 
-    /// Runs `script` on the next pooled connection (EVALSHA, reloaded on NOSCRIPT).
+    /// The pooled connection every command on `name` goes over, so Redis runs them in the
+    /// order they were sent (see `handed_to`).
+    fn client_for(&self, name: &LockName) -> &Client {
+        let clients = self.pool.clients();
+        let mut hasher = DefaultHasher::new();
+        name.as_str().hash(&mut hasher);
+        let index = usize::try_from(hasher.finish() % clients.len().max(1) as u64).unwrap_or(0);
+        clients.get(index).unwrap_or_else(|| self.pool.next())
+    }
+
+    /// Runs `script` on `name`'s connection (EVALSHA, reloaded on NOSCRIPT).
     ///
     /// The call is boxed: fred's EVALSHA future is several kilobytes, and kept inline it
     /// would make every future that awaits a script that large, copied on each spawn and box.
     async fn run<R: FromValue>(
         &self,
+        name: &LockName,
         script: &Script,
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<R, fred::error::Error> {
-        Box::pin(script.evalsha_with_reload(self.pool.next(), keys, args)).await
+        Box::pin(script.evalsha_with_reload(self.client_for(name), keys, args)).await
     }
 
     /// A round trip to Redis, for health checks.
