@@ -467,6 +467,40 @@ async fn unknown_products_and_orders_are_not_found_and_change_nothing(kind: DbKi
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("ghost"), "{}", status.message());
     assert_eq!(level(&stock, "known").await, 5);
+    // The order took both product locks; the unknown product's is gone from Redis at once,
+    // while the known one's lingers as every released lock does (for its fence).
+    let redis_client = redis.client().await;
+    let lock_key = |product: &str| format!("latchkey:{{stock/{product}}}:lock");
+    let exists = |key: String| {
+        let redis_client = redis_client.clone();
+        async move {
+            let n: i64 = fred::interfaces::KeysInterface::exists(&redis_client, key)
+                .await
+                .unwrap();
+            n == 1
+        }
+    };
+    assert!(
+        exists(lock_key("known")).await,
+        "the known product's lock lingers"
+    );
+    assert!(
+        !exists(lock_key("ghost")).await,
+        "an order for an unknown product left its lock in Redis"
+    );
+    // The same without group commit (one transaction per order).
+    let mut config = test_config(&redis);
+    config.stock.database_url = db.url.clone();
+    config.stock.stock_group_commit = false;
+    let ungrouped = Latchkey::start_with(config).await;
+    let status = ungrouped
+        .stock()
+        .await
+        .reduce_stock(order("o-2", vec![item("phantom", 1)], secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(!exists(lock_key("phantom")).await);
 
     let status = stock
         .get_stock(pb::GetStockRequest {

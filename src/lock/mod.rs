@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use request::{AcquireRequest, Invalid, Lease, LockName, Token, WaitTimeout};
-pub use store::{LockState, NotOwner, Released, StoreError};
+pub use store::{Linger, LockState, NotOwner, Released, StoreError};
 
 use crate::telemetry;
 use store::{Attempt, LockStore, ReleaseReply};
@@ -482,10 +482,29 @@ impl LockEngine {
         name: &LockName,
         token: Token,
     ) -> Result<Released, LockError> {
+        self.release_with(name, token, Linger::Keep).await
+    }
+
+    /// Like `release`, but a lock left free is deleted from Redis at once instead of lingering
+    /// (`Linger::Drop`): for a name that turned out to guard nothing.
+    pub async fn release_forgetting(
+        self: &Arc<Self>,
+        name: &LockName,
+        token: Token,
+    ) -> Result<Released, LockError> {
+        self.release_with(name, token, Linger::Drop).await
+    }
+
+    async fn release_with(
+        self: &Arc<Self>,
+        name: &LockName,
+        token: Token,
+        linger: Linger,
+    ) -> Result<Released, LockError> {
         let channel = self.store.channel(name);
         let Some(offer) = self.waiters.offer(&channel) else {
             return self
-                .release_once(name, token, None)
+                .release_once(name, token, None, linger)
                 .await
                 .0
                 .map(Step::released);
@@ -496,7 +515,7 @@ impl LockEngine {
         let name = name.clone();
         let (answer, answered) = oneshot::channel();
         tokio::spawn(async move {
-            let (first, unsettled) = engine.release_once(&name, token, Some(offer)).await;
+            let (first, unsettled) = engine.release_once(&name, token, Some(offer), linger).await;
             let mut orphaned = first.as_ref().ok().and_then(Step::orphaned);
             let mut result = first.map(Step::released);
             let mut answer = Some(answer);
@@ -519,7 +538,8 @@ impl LockEngine {
             }
             while let Some(token) = orphaned {
                 let offer = engine.waiters.offer(&channel);
-                let (step, unsettled) = engine.release_once(&name, token, offer).await;
+                let (step, unsettled) =
+                    engine.release_once(&name, token, offer, Linger::Keep).await;
                 orphaned = match (step, unsettled) {
                     (_, Some(offer)) => {
                         engine.settle(&name, offer).await.and_then(|s| s.orphaned())
@@ -547,9 +567,10 @@ impl LockEngine {
         name: &LockName,
         token: Token,
         offer: Option<Offer>,
+        linger: Linger,
     ) -> (Result<Step, LockError>, Option<Offer>) {
         let hand_off = offer.as_ref().map(Offer::hand_off);
-        let reply = self.store.release(name, token, hand_off).await;
+        let reply = self.store.release(name, token, hand_off, linger).await;
         let mut unsettled = None;
         let reply = match (reply, offer) {
             (Ok(Ok(ReleaseReply::Handed(granted))), Some(offer)) => {

@@ -80,6 +80,18 @@ pub struct HandOff {
     pub plain_waiters: usize,
 }
 
+/// What stays of a lock in Redis once a release frees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linger {
+    /// The hash lingers for `lock_linger`: a late Release/Extend by the old owner is told
+    /// "expired", and the fence stays for the next grant.
+    Keep,
+    /// The hash goes at once, for a lock that turned out to guard nothing (ReduceStock on an
+    /// unknown product): asking for it leaves no trace. The next grant's fence then comes from
+    /// Redis time alone, still above this one's (see acquire.lua).
+    Drop,
+}
+
 /// What a release did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseReply {
@@ -302,8 +314,13 @@ impl LockStore {
         name: &LockName,
         token: Token,
         hand_off: Option<HandOff>,
+        linger: Linger,
     ) -> Result<Result<ReleaseReply, NotOwner>, StoreError> {
         let keys = self.keys(name);
+        let linger_ms = match linger {
+            Linger::Keep => self.linger_ms,
+            Linger::Drop => 0,
+        };
         let (candidate, lease_ms, kind, plain_waiters) = match hand_off {
             Some(h) => (
                 h.to.to_string(),
@@ -320,7 +337,7 @@ impl LockStore {
                 vec![keys.lock, keys.waiters, keys.queue],
                 vec![
                     token.to_string(),
-                    self.linger_ms.to_string(),
+                    linger_ms.to_string(),
                     keys.channel,
                     candidate,
                     lease_ms,

@@ -170,7 +170,8 @@ impl StockEngine {
         }
         let orders: Vec<&Order> = live.iter().map(|p| &p.order).collect();
         let results = self.apply_batch(&orders, &held).await;
-        self.unlock_all(held).await;
+        let unknown = super::unknown_products(&results);
+        self.unlock_all_but_unknown(held, &unknown).await;
         for (pending, result) in live.into_iter().zip(results) {
             let _ = pending.answer.send(result);
         }

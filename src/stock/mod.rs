@@ -207,7 +207,8 @@ impl StockEngine {
         let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
         let held = self.lock_all(&products, deadline, gone).await?;
         let result = self.reduce_locked(order, &held).await;
-        self.unlock_all(held).await;
+        let unknown = unknown_products(std::slice::from_ref(&result));
+        self.unlock_all_but_unknown(held, &unknown).await;
         result
     }
 
@@ -369,8 +370,22 @@ impl StockEngine {
     }
 
     async fn unlock_all(&self, held: Held) {
+        self.unlock_all_but_unknown(held, &[]).await;
+    }
+
+    /// Releases `held`; the locks of products the database does not know (`unknown`, from
+    /// the answers given under them) are deleted at once instead of lingering, so an order
+    /// for a product that does not exist leaves nothing behind in Redis.
+    async fn unlock_all_but_unknown(&self, held: Held, unknown: &[&ProductId]) {
         for (product, grant) in held.0.into_iter().rev() {
-            if let Err(error) = self.locks.release(&product.lock, grant.token).await {
+            let released = if unknown.contains(&&product.id) {
+                self.locks
+                    .release_forgetting(&product.lock, grant.token)
+                    .await
+            } else {
+                self.locks.release(&product.lock, grant.token).await
+            };
+            if let Err(error) = released {
                 // It frees itself when its lease ends.
                 warn!(product = %product.id, %error, "could not release a product lock");
             }
@@ -402,4 +417,15 @@ impl StockEngine {
             tokio::time::sleep(self.config.fault_txn_delay).await;
         }
     }
+}
+
+/// The products answers were refused for because the database does not know them.
+fn unknown_products(results: &[Result<Applied, StockError>]) -> Vec<&ProductId> {
+    results
+        .iter()
+        .filter_map(|result| match result {
+            Err(StockError::UnknownProduct(product)) => Some(product),
+            _ => None,
+        })
+        .collect()
 }
