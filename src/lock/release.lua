@@ -5,7 +5,7 @@
 -- KEYS[2]  PREFIX:{name}:waiters
 -- KEYS[3]  PREFIX:{name}:queue     (fair waiters: the head is told by name)
 -- ARGV[1]  token
--- ARGV[2]  linger in ms
+-- ARGV[2]  linger in ms; 0 deletes a freed lock's hash at once (a name that guarded nothing)
 -- ARGV[3]  unlock channel, PREFIX:{name}:unlock
 -- ARGV[4]  candidate: the token of a waiter in the caller's process to hand the lock to, or ''
 -- ARGV[5]  the candidate's lease in ms
