@@ -323,3 +323,77 @@ async fn a_plain_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter
 async fn a_fair_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter() {
     a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(true).await;
 }
+
+/// What a release that lost its answer asks Redis: did *this* release hand the lock to this
+/// waiter? A waiter that owns the lock because it took it by itself must not count: its own
+/// attempt told it, and treating the lock as a lost hand-off would answer a stranger's release
+/// with success, or release the waiter's lock for it once it left the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_release_that_handed_the_lock_over_is_told_it_did() {
+    use latchkey::lock::{
+        Lease, Linger, LockName, Token,
+        store::{Attempt, HandOff, LockStore, ReleaseReply},
+    };
+    let redis = RedisServer::start();
+    let config = test_config(&redis);
+    let store = LockStore::connect(&config.redis, &config.locks).expect("store");
+    let lease = Lease::parse(Some(LEASE), &config.locks).expect("lease");
+    let (holder, waiter, stranger) = (Token::generate(), Token::generate(), Token::generate());
+
+    // The waiter takes a free lock by itself.
+    let own = LockName::parse("probe/own".into(), &config.locks).expect("name");
+    let took = store.acquire(&own, holder, false, lease, None).await;
+    assert!(matches!(took, Ok(Attempt::Granted(_))), "{took:?}");
+    let took = store.acquire(&own, waiter, false, lease, None).await;
+    assert!(matches!(took, Ok(Attempt::Busy { .. })), "{took:?}");
+    let freed = store.release(&own, holder, None, Linger::Keep).await;
+    assert!(
+        matches!(freed, Ok(Ok(ReleaseReply::Released(_)))),
+        "{freed:?}"
+    );
+    let took = store.acquire(&own, waiter, false, lease, None).await;
+    assert!(matches!(took, Ok(Attempt::Granted(_))), "{took:?}");
+    for from in [holder, stranger] {
+        assert_eq!(
+            store.handed_to(&own, waiter, from).await.expect("handed"),
+            None,
+            "a lock the waiter took by itself passed for a hand-off"
+        );
+    }
+
+    // The holder's release hands the lock to the registered waiter.
+    let handed = LockName::parse("probe/handed".into(), &config.locks).expect("name");
+    let took = store.acquire(&handed, holder, false, lease, None).await;
+    assert!(matches!(took, Ok(Attempt::Granted(_))), "{took:?}");
+    let waiter_id = waiter.to_string();
+    let queued = store
+        .acquire(&handed, waiter, false, lease, Some((&waiter_id, LEASE)))
+        .await;
+    assert!(matches!(queued, Ok(Attempt::Busy { .. })), "{queued:?}");
+    let hand_off = HandOff {
+        to: waiter,
+        lease,
+        fair: false,
+        plain_waiters: 1,
+    };
+    let released = store
+        .release(&handed, holder, Some(hand_off), Linger::Keep)
+        .await
+        .expect("release");
+    let Ok(ReleaseReply::Handed(granted)) = released else {
+        panic!("the only waiter, registered, was not handed the lock: {released:?}");
+    };
+    let told = store
+        .handed_to(&handed, waiter, holder)
+        .await
+        .expect("handed");
+    assert_eq!(told.map(|g| g.fence), Some(granted.fence));
+    assert_eq!(
+        store
+            .handed_to(&handed, waiter, stranger)
+            .await
+            .expect("handed"),
+        None,
+        "another token's release was told it handed the lock over"
+    );
+}

@@ -4,17 +4,15 @@
 -- KEYS[2]  PREFIX:{name}:waiters   sorted set: member = waiter id, score = Redis ms at which the
 --                                  entry lapses (the waiter's own deadline)
 -- ARGV[1]  token: a fresh UUID for a new grant, or the caller's token to re-enter
--- ARGV[2]  '1' when ARGV[1] must already own the lock (re-entry), '0' otherwise, 'h' to only
---          ask whether a release handed the lock to ARGV[1] (changes nothing)
+-- ARGV[2]  '1' when ARGV[1] must already own the lock (re-entry), '0' otherwise
 -- ARGV[3]  lease in ms
 -- ARGV[4]  linger in ms
 -- ARGV[5]  waiter id, or '' when the caller does not wait
 -- ARGV[6]  ms until the waiter's deadline (ignored without a waiter id)
 --
 -- Returns
---   {1, fence, holds, lease_ms}   granted (fresh, or re-entered with the same fence); for 'h':
---                                 ARGV[1] owns the lock, with lease_ms of its lease left
---   {0, holder_ttl_ms}            held by someone else (0: free); a waiter id is (re)registered
+--   {1, fence, holds, lease_ms}   granted (fresh, or re-entered with the same fence)
+--   {0, holder_ttl_ms}            held by someone else; a waiter id is (re)registered
 --   {-1} / {-2} / {-3}            re-entry refused: not held / another owner / expired
 --
 -- Fence: max(stored fence + 1, Redis time in microseconds). The stored part makes fences
@@ -22,21 +20,13 @@
 -- gone (lingered out, or lost with a Redis restart), as long as Redis' clock does not step back.
 
 local lock_key, waiters_key = KEYS[1], KEYS[2]
-local token, mode, lease_ms, linger_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local token, reenter, lease_ms, linger_ms = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
 local waiter, wait_ms = ARGV[5], tonumber(ARGV[6])
 
 local now_ms, now_us = redis_now()
 local owner, holds, fence, until_ms, live = read_lock(lock_key, now_ms)
 
-if mode == 'h' then
-  -- Asked by a release whose answer was lost (timed out, or retried after a dropped
-  -- connection): did it hand the lock to this waiter?
-  if live and owner == token then return {1, fence, holds, until_ms - now_ms} end
-  if live then return {0, until_ms - now_ms} end
-  return {0, 0}
-end
-
-if mode == '1' then
+if reenter then
   local why = ownership(owner, live, token)
   if why ~= 0 then return {why} end
   holds = holds + 1
@@ -60,6 +50,7 @@ end
 
 fence = math.max(fence + 1, now_us)
 redis.call('HSET', lock_key, 'owner', token, 'holds', 1, 'fence', int(fence), 'until', int(now_ms + lease_ms))
+redis.call('HDEL', lock_key, 'from')
 redis.call('PEXPIRE', lock_key, lease_ms + linger_ms)
 if waiter ~= '' then
   redis.call('ZREM', waiters_key, waiter)

@@ -485,17 +485,9 @@ impl LockEngine {
         self.release_with(name, token, Linger::Keep).await
     }
 
-    /// Like `release`, but a lock left free is deleted from Redis at once instead of lingering
-    /// (`Linger::Drop`): for a name that turned out to guard nothing.
-    pub async fn release_forgetting(
-        self: &Arc<Self>,
-        name: &LockName,
-        token: Token,
-    ) -> Result<Released, LockError> {
-        self.release_with(name, token, Linger::Drop).await
-    }
-
-    async fn release_with(
+    /// `release`, saying what stays of the lock in Redis once it is free (`Linger::Drop`: for
+    /// a name that turned out to guard nothing).
+    pub async fn release_with(
         self: &Arc<Self>,
         name: &LockName,
         token: Token,
@@ -527,7 +519,7 @@ impl LockEngine {
                 if !retried && let Some(answer) = answer.take() {
                     let _ = answer.send(result.clone());
                 }
-                let settled = engine.settle(&name, offer).await;
+                let settled = engine.settle(&name, offer, token).await;
                 if retried && settled.is_some() {
                     result = Ok(Released::Free);
                 }
@@ -541,9 +533,10 @@ impl LockEngine {
                 let (step, unsettled) =
                     engine.release_once(&name, token, offer, Linger::Keep).await;
                 orphaned = match (step, unsettled) {
-                    (_, Some(offer)) => {
-                        engine.settle(&name, offer).await.and_then(|s| s.orphaned())
-                    }
+                    (_, Some(offer)) => engine
+                        .settle(&name, offer, token)
+                        .await
+                        .and_then(|s| s.orphaned()),
                     (Ok(step), None) => step.orphaned(),
                     (Err(error), None) => {
                         warn!(lock = %name, %error, "could not release a lock handed to a waiter that left; it frees at lease end");
@@ -608,19 +601,20 @@ impl LockEngine {
         (step, unsettled)
     }
 
-    /// A release that offered the lock to `offer`'s candidate lost its answer, so whether
-    /// `release.lua` handed the lock over is unknown. Asks Redis (on the lock's connection, so
-    /// after that release ran), retrying while Redis is unavailable for at most the
+    /// The release made with `from` offered the lock to `offer`'s candidate and lost its
+    /// answer, so whether `release.lua` handed the lock over is unknown. Asks Redis (on the
+    /// lock's connection, so after that release ran; `handed.lua` tells a hand-off from a
+    /// grant the candidate took by itself), retrying while Redis is unavailable for at most the
     /// candidate's lease (a lock handed over and never claimed frees by then anyway). Delivers
     /// the lock if it was handed over; otherwise the candidate goes back into the line.
     /// Returns what the release did when it did hand the lock over (`Orphaned` if the
     /// candidate left meanwhile), None when it did not (or it could not be learned).
-    async fn settle(&self, name: &LockName, offer: Offer) -> Option<Step> {
+    async fn settle(&self, name: &LockName, offer: Offer, from: Token) -> Option<Step> {
         let to = offer.candidate.token;
         let give_up = Instant::now() + offer.candidate.lease.get();
         let mut backoff = SETTLE_BACKOFF;
         loop {
-            match self.store.handed_to(name, to).await {
+            match self.store.handed_to(name, to, from).await {
                 Ok(Some(granted)) => {
                     metrics::counter!(telemetry::HAND_OFFS).increment(1);
                     return Some(match offer.candidate.deliver(granted) {
@@ -633,7 +627,7 @@ impl LockEngine {
                     return None;
                 }
                 Err(error) => {
-                    let error = self.store_error("acquire", error);
+                    let error = self.store_error("handed", error);
                     if Instant::now() + backoff >= give_up {
                         warn!(lock = %name, %error, "could not learn whether a release handed the lock to a waiter of this process; if it did, the lock frees at lease end");
                         offer.decline();

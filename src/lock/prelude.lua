@@ -5,6 +5,8 @@
 --   holds  re-entry count of the owner
 --   fence  the fence of the latest grant (kept after release, see below)
 --   until  Redis time, in ms, at which the owner's lease ends
+--   from   the token of the release that handed the lock to its owner (release.lua); absent
+--          when the owner took the lock itself, so handed.lua can tell the two apart
 -- The hash itself expires `linger` ms after the lease ends. While it lingers, a late Release or
 -- Extend by the old owner is answered "expired", and `fence` keeps the next grant above it.
 --
@@ -59,7 +61,7 @@ end
 -- Frees a held lock but keeps its fence for `linger` ms, then tells waiters: the head of the
 -- fair queue by name ('w:' .. id, so only it wakes), or else anyone ('released' / 'forced').
 local function free_lock(key, waiters_key, queue_key, now_ms, linger_ms, channel, why)
-  redis.call('HDEL', key, 'owner', 'holds', 'until')
+  redis.call('HDEL', key, 'owner', 'holds', 'until', 'from')
   redis.call('PEXPIRE', key, linger_ms)
   local head = fair_head(queue_key, waiters_key, now_ms)
   if head then

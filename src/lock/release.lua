@@ -55,7 +55,7 @@ if candidate ~= '' then
     redis.call('ZREM', waiters_key, candidate)
     fence = math.max(fence + 1, now_us)
     redis.call('HSET', lock_key, 'owner', candidate, 'holds', 1, 'fence', int(fence),
-      'until', int(now_ms + candidate_lease_ms))
+      'until', int(now_ms + candidate_lease_ms), 'from', token)
     redis.call('PEXPIRE', lock_key, candidate_lease_ms + linger_ms)
     return {2, fence, candidate_lease_ms, queued_at}
   end

@@ -155,6 +155,7 @@ pub struct LockStore {
     linger_ms: u64,
     acquire: Script,
     release: Script,
+    handed: Script,
     extend: Script,
     inspect: Script,
     force_release: Script,
@@ -197,6 +198,7 @@ impl LockStore {
             linger_ms: u64::try_from(locks.linger.as_millis()).unwrap_or(u64::MAX),
             acquire: lock_script!("acquire.lua"),
             release: lock_script!("release.lua"),
+            handed: lock_script!("handed.lua"),
             extend: lock_script!("extend.lua"),
             inspect: lock_script!("inspect.lua"),
             force_release: lock_script!("force_release.lua"),
@@ -263,28 +265,22 @@ impl LockStore {
         }
     }
 
-    /// Whether the lock belongs to `token` now, with the lease it has left: asked after a
-    /// release that may have handed it over lost its answer. Changes nothing. Runs on the
-    /// lock's connection, so Redis answers it only after a release sent before it.
+    /// Whether the release made with `from` handed the lock to `to` (see handed.lua), and
+    /// with how much lease left: asked after that release lost its answer. Changes nothing.
+    /// Runs on the lock's connection, so Redis answers it only after that release ran.
     pub async fn handed_to(
         &self,
         name: &LockName,
-        token: Token,
+        to: Token,
+        from: Token,
     ) -> Result<Option<Granted>, StoreError> {
         let keys = self.keys(name);
         let reply: Vec<i64> = self
             .run(
                 name,
-                &self.acquire,
-                vec![keys.lock, keys.waiters],
-                vec![
-                    token.to_string(),
-                    "h".to_owned(),
-                    "0".to_owned(),
-                    self.linger_ms.to_string(),
-                    String::new(),
-                    "0".to_owned(),
-                ],
+                &self.handed,
+                vec![keys.lock],
+                vec![to.to_string(), from.to_string()],
             )
             .await?;
         match reply.as_slice() {
@@ -294,8 +290,8 @@ impl LockStore {
                 lease: Duration::from_millis(to_u64(*lease_ms)),
                 queued_at: 0,
             })),
-            [0, _] => Ok(None),
-            _ => Err(StoreError::unexpected("acquire", &reply)),
+            [0] => Ok(None),
+            _ => Err(StoreError::unexpected("handed", &reply)),
         }
     }
 

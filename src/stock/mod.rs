@@ -32,7 +32,7 @@ pub use store::{Backend, DbError};
 use crate::{
     config::{LockConfig, StockConfig},
     lock::{
-        AcquireRequest, Acquired, Grant, Invalid, Lease, LockEngine, LockError, LockName,
+        AcquireRequest, Acquired, Grant, Invalid, Lease, Linger, LockEngine, LockError, LockName,
         WaitTimeout,
     },
 };
@@ -378,13 +378,15 @@ impl StockEngine {
     /// for a product that does not exist leaves nothing behind in Redis.
     async fn unlock_all_but_unknown(&self, held: Held, unknown: &[&ProductId]) {
         for (product, grant) in held.0.into_iter().rev() {
-            let released = if unknown.contains(&&product.id) {
-                self.locks
-                    .release_forgetting(&product.lock, grant.token)
-                    .await
+            let linger = if unknown.contains(&&product.id) {
+                Linger::Drop
             } else {
-                self.locks.release(&product.lock, grant.token).await
+                Linger::Keep
             };
+            let released = self
+                .locks
+                .release_with(&product.lock, grant.token, linger)
+                .await;
             if let Err(error) = released {
                 // It frees itself when its lease ends.
                 warn!(product = %product.id, %error, "could not release a product lock");
