@@ -11,6 +11,7 @@
 
 // The tests' private redis-server harness; the bench uses only part of it.
 mod cpu;
+mod machine;
 #[allow(dead_code)]
 #[path = "../../../tests/common/redis.rs"]
 mod redis;
@@ -195,9 +196,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let meter = || CpuMeter::start(&processes(&server));
     let mut rows: Vec<Row> = Vec::new();
+    let calibration = Duration::from_secs(3);
+    rows.push(machine::loopback_round_trip("before", calibration).await?);
     if wants(Scenario::Uncontended) {
         let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended(&server.addr, cli.duration).await?)?);
+        rows.push(m.finish(scenarios::uncontended(&server.addr, cli.duration, 64).await?)?);
+        // Callers in one process usually share one channel: what that saves.
+        let m = meter()?;
+        rows.push(m.finish(scenarios::uncontended(&server.addr, cli.duration, 1).await?)?);
         let m = meter()?;
         rows.push(m.finish(scenarios::uncontended_grpc_only(&server.addr, cli.duration).await?)?);
         let m = meter()?;
@@ -272,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
     if wants(Scenario::Memory) {
         rows.extend(scenarios::memory(&server.addr, &redis_client, server.child.id()).await?);
     }
+    rows.push(machine::loopback_round_trip("after", calibration).await?);
 
     report::print(&rows);
     if let Some(path) = &cli.json {
