@@ -1,6 +1,9 @@
-//! CPU time per operation of the three processes a scenario loads: latchkey, redis-server and
-//! the benchmark's own clients. On a shared or noisy machine throughput swings from run to
-//! run; CPU time per operation barely moves, so it is the figure to compare when profiling.
+//! CPU time and context switches per operation of the three processes a scenario loads:
+//! latchkey, redis-server and the benchmark's own clients. On a shared or noisy machine
+//! throughput swings from run to run and CPU time with it (a slow spell makes every process
+//! slower); context switches per operation count how often a process went to sleep and had to
+//! be woken, which depends on the code, not on the machine's speed, and on a VM each one is
+//! expensive.
 
 use std::time::Duration;
 
@@ -28,9 +31,30 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64((ticks(11)? + ticks(12)?) / USER_HZ))
 }
 
-/// CPU times at the start of a scenario.
+/// Context switches of process `pid` so far: voluntary and involuntary, summed over its live
+/// threads (a thread that exited takes its count with it; latchkey's and Redis's threads live
+/// as long as the process).
+fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may exit between listing and reading.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some((key, value)) = line.split_once(':')
+                && key.ends_with("ctxt_switches")
+            {
+                total += value.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// CPU times and context switches at the start of a scenario.
 pub struct CpuMeter {
-    processes: Vec<(&'static str, u32, Duration)>,
+    processes: Vec<(&'static str, u32, Duration, u64)>,
 }
 
 impl CpuMeter {
@@ -38,24 +62,29 @@ impl CpuMeter {
     pub fn start(processes: &[(&'static str, u32)]) -> anyhow::Result<Self> {
         let processes = processes
             .iter()
-            .map(|&(label, pid)| Ok((label, pid, cpu_time(pid)?)))
+            .map(|&(label, pid)| Ok((label, pid, cpu_time(pid)?, context_switches(pid)?)))
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { processes })
     }
 
-    /// Adds "CPU us/op" to `row`: each process's CPU time since `start` divided by the row's
-    /// operations (10 ms resolution, so runs of a few seconds are needed).
+    /// Adds "CPU us/op" and "switches/op" to `row`: each process's CPU time (10 ms
+    /// resolution, so runs of a few seconds are needed) and context switches since `start`,
+    /// divided by the row's operations.
     pub fn finish(self, row: Row) -> anyhow::Result<Row> {
         if row.ops == 0 {
             return Ok(row);
         }
-        let mut parts = Vec::new();
-        for (label, pid, before) in self.processes {
-            let used = cpu_time(pid)?.saturating_sub(before);
-            let per_op = used.as_secs_f64() * 1e6 / row.ops as f64;
-            parts.push(format!("{label} {per_op:.0}"));
+        let ops = row.ops as f64;
+        let (mut cpu, mut switches) = (Vec::new(), Vec::new());
+        for (label, pid, cpu_before, switches_before) in self.processes {
+            let used = cpu_time(pid)?.saturating_sub(cpu_before);
+            cpu.push(format!("{label} {:.0}", used.as_secs_f64() * 1e6 / ops));
+            let switched = context_switches(pid)?.saturating_sub(switches_before);
+            switches.push(format!("{label} {:.1}", switched as f64 / ops));
         }
-        Ok(row.detail("CPU us/op", parts.join(", ")))
+        Ok(row
+            .detail("CPU us/op", cpu.join(", "))
+            .detail("switches/op", switches.join(", ")))
     }
 }
 
@@ -77,5 +106,26 @@ mod tests {
             after >= before + Duration::from_millis(100),
             "{before:?} -> {after:?}"
         );
+    }
+
+    #[test]
+    fn a_thread_that_sleeps_and_wakes_counts_context_switches() {
+        let pid = std::process::id();
+        let before = context_switches(pid).unwrap();
+        let (slept_tx, slept_rx) = std::sync::mpsc::channel();
+        let (counted_tx, counted_rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Stays alive until it has been counted: an exited thread's switches are gone.
+            slept_tx.send(()).unwrap();
+            let _ = counted_rx.recv();
+        });
+        slept_rx.recv().unwrap();
+        let during = context_switches(pid).unwrap();
+        drop(counted_tx);
+        sleeper.join().unwrap();
+        assert!(during >= before + 20, "{before} -> {during}");
     }
 }
