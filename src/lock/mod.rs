@@ -149,6 +149,18 @@ enum Step {
 }
 
 impl Step {
+    /// Gives `offer`'s candidate the lock a release handed it (`granted`). The releaser's
+    /// hold is gone either way; if the candidate left meanwhile, the lock is `Orphaned` and
+    /// must be released for it.
+    fn handed(offer: Offer, granted: store::Granted) -> Step {
+        metrics::counter!(telemetry::HAND_OFFS).increment(1);
+        let to = offer.candidate.token;
+        match offer.candidate.deliver(granted) {
+            Ok(()) => Step::Released(Released::Free),
+            Err(_) => Step::Orphaned(to),
+        }
+    }
+
     fn released(self) -> Released {
         match self {
             Step::Released(released) => released,
@@ -567,13 +579,7 @@ impl LockEngine {
         let mut unsettled = None;
         let reply = match (reply, offer) {
             (Ok(Ok(ReleaseReply::Handed(granted))), Some(offer)) => {
-                let to = offer.candidate.token;
-                metrics::counter!(telemetry::HAND_OFFS).increment(1);
-                let step = match offer.candidate.deliver(granted) {
-                    Ok(()) => Step::Released(Released::Free),
-                    Err(_) => Step::Orphaned(to),
-                };
-                return (Ok(step), None);
+                return (Ok(Step::handed(offer, granted)), None);
             }
             // The script may have run and handed the lock over without us hearing of it: its
             // reply was lost (timed out), or fred retried it after a dropped connection and the
@@ -615,13 +621,7 @@ impl LockEngine {
         let mut backoff = SETTLE_BACKOFF;
         loop {
             match self.store.handed_to(name, to, from).await {
-                Ok(Some(granted)) => {
-                    metrics::counter!(telemetry::HAND_OFFS).increment(1);
-                    return Some(match offer.candidate.deliver(granted) {
-                        Ok(()) => Step::Released(Released::Free),
-                        Err(_) => Step::Orphaned(to),
-                    });
-                }
+                Ok(Some(granted)) => return Some(Step::handed(offer, granted)),
                 Ok(None) => {
                     offer.decline();
                     return None;
