@@ -1,12 +1,15 @@
 //! `latchkey-bench`: latchkey's own benchmark.
 //!
-//! It starts its own private redis-server and the release `latchkey` binary next to it (so the
-//! server runs in its own process, as in production, and its RSS can be read), drives load with
-//! real gRPC clients over loopback, prints a table, and optionally writes JSON.
+//! By default it starts its own private redis-server and the release `latchkey` binary next to
+//! it (so the server runs in its own process, as in production, and its CPU and RSS can be
+//! read); with `--addr` it loads a latchkey that is already running instead. Either way it
+//! drives load with real gRPC clients, prints a table, and optionally writes JSON.
 //!
 //! ```text
 //! cargo build --release
 //! target/release/latchkey-bench all --postgres-url postgres://... --json target/bench.json
+//! target/release/latchkey-bench uncontended hot-lock --addr 10.0.0.5:50051 \
+//!     --redis-url redis://10.0.0.6:6379
 //! ```
 
 // The tests' private redis-server harness; the bench uses only part of it.
@@ -55,6 +58,15 @@ struct Cli {
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Load a latchkey that is already running at HOST:PORT instead of starting one. Its
+    /// locks and products are named `bench/<run id>/...`; the memory scenario does not run
+    /// (it flushes Redis and reads latchkey's RSS), and only the bench's own CPU is reported.
+    #[arg(long)]
+    addr: Option<String>,
+    /// With --addr: the Redis that latchkey uses, for the baselines that bypass latchkey (the
+    /// lock scripts without gRPC, and SET NX polling); without it they are skipped.
+    #[arg(long, requires = "addr")]
+    redis_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -171,112 +183,212 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
+/// Where the load goes.
+enum Target {
+    /// A private redis-server and latchkey this run started, stopped when dropped.
+    Own { redis: RedisServer, server: Server },
+    /// A latchkey that was already running, and optionally the Redis it uses.
+    Running {
+        addr: String,
+        redis_url: Option<String>,
+    },
+}
+
+impl Target {
+    fn addr(&self) -> &str {
+        match self {
+            Target::Own { server, .. } => &server.addr,
+            Target::Running { addr, .. } => addr,
+        }
+    }
+
+    fn redis_url(&self) -> Option<String> {
+        match self {
+            Target::Own { redis, .. } => Some(redis.url()),
+            Target::Running { redis_url, .. } => redis_url.clone(),
+        }
+    }
+
+    /// The processes whose CPU time and context switches every row reports: all three when
+    /// the bench started them, else only its own.
+    fn processes(&self, latchkey: Option<&Server>) -> Vec<(&'static str, u32)> {
+        let bench = ("bench", std::process::id());
+        match (self, latchkey) {
+            (Target::Own { redis, server }, latchkey) => vec![
+                ("latchkey", latchkey.unwrap_or(server).child.id()),
+                ("Redis", redis.pid()),
+                bench,
+            ],
+            (Target::Running { .. }, _) => vec![bench],
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let wants = |s: Scenario| cli.scenarios.contains(&Scenario::All) || cli.scenarios.contains(&s);
-    let redis = RedisServer::start();
-    let server = Server::start(&redis, None).await?;
-    let redis_client = Client::new(
-        fred::types::config::Config::from_url(&redis.url())?,
-        None,
-        None,
-        None,
+    let explicitly = |s: Scenario| cli.scenarios.contains(&s);
+    let wants = |s: Scenario| cli.scenarios.contains(&Scenario::All) || explicitly(s);
+    let target = match &cli.addr {
+        None => {
+            let redis = RedisServer::start();
+            let server = Server::start(&redis, None).await?;
+            Target::Own { redis, server }
+        }
+        Some(addr) => {
+            anyhow::ensure!(
+                !explicitly(Scenario::Memory),
+                "the memory scenario flushes Redis and reads latchkey's RSS, so it runs only \
+                 against the bench's own servers: drop --addr"
+            );
+            scenarios::connect(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot reach latchkey at {addr}: {e}"))?;
+            Target::Running {
+                addr: addr.clone(),
+                redis_url: cli.redis_url.clone(),
+            }
+        }
+    };
+    let addr = target.addr();
+    println!(
+        "latchkey-bench on {}, {} build, {}",
+        machine(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        match &target {
+            Target::Own { .. } => "loopback".to_owned(),
+            Target::Running { addr, .. } => format!("against the running latchkey at {addr}"),
+        }
     );
-    redis_client.init().await?;
-    println!("latchkey-bench on {}, release build, loopback", machine());
+    // Names of locks and products this run creates, so a run never trips over what an
+    // earlier, interrupted one left behind on a long-running server.
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let redis_url = target.redis_url();
+    let no_redis = |what: &str| {
+        eprintln!(
+            "{what} skipped: the latchkey at {addr} runs on a Redis unknown to the bench (--redis-url)"
+        );
+    };
 
     // Every row says what each process spent per operation (see `cpu`).
-    let processes = |latchkey: &Server| {
-        [
-            ("latchkey", latchkey.child.id()),
-            ("Redis", redis.pid()),
-            ("bench", std::process::id()),
-        ]
-    };
-    let meter = || CpuMeter::start(&processes(&server));
+    let meter = || CpuMeter::start(&target.processes(None));
     let mut rows: Vec<Row> = Vec::new();
-    let calibration = Duration::from_secs(3);
+    let calibration = cli.duration.min(Duration::from_secs(3));
     rows.push(machine::loopback_round_trip("before", calibration).await?);
     if wants(Scenario::Uncontended) {
         let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended(&server.addr, cli.duration, 64).await?)?);
+        rows.push(m.finish(scenarios::uncontended(addr, &run, cli.duration, 64).await?)?);
         // Callers in one process usually share one channel: what that saves.
         let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended(&server.addr, cli.duration, 1).await?)?);
+        rows.push(m.finish(scenarios::uncontended(addr, &run, cli.duration, 1).await?)?);
         let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended_grpc_only(&server.addr, cli.duration).await?)?);
-        let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended_floor(&redis.url(), cli.duration).await?)?);
+        rows.push(m.finish(scenarios::uncontended_grpc_only(addr, cli.duration).await?)?);
+        if let Some(url) = &redis_url {
+            let m = meter()?;
+            rows.push(m.finish(scenarios::uncontended_floor(url, &run, cli.duration).await?)?);
+        } else {
+            no_redis("the no-gRPC baseline");
+        }
     }
     if wants(Scenario::HotLock) {
+        let clients = cli.hot_lock_clients;
         let m = meter()?;
         let (plain, plain_p99) =
-            scenarios::hot_lock(&server.addr, cli.duration, cli.hot_lock_clients, false).await?;
+            scenarios::hot_lock(addr, &run, cli.duration, clients, false).await?;
         let plain = m.finish(plain)?;
         let m = meter()?;
-        let (fair, fair_p99) =
-            scenarios::hot_lock(&server.addr, cli.duration, cli.hot_lock_clients, true).await?;
+        let (fair, fair_p99) = scenarios::hot_lock(addr, &run, cli.duration, clients, true).await?;
         let fair = m.finish(fair)?;
-        let m = meter()?;
-        let (polling, polling_p99) =
-            scenarios::hot_lock_polling(&redis.url(), cli.duration).await?;
-        let polling = m.finish(polling)?;
-        let vs = |p99: f64| {
-            let ratio = polling_p99 / p99.max(0.001);
-            (format!("{ratio:.1} (target >= 10)"), ratio >= 10.0)
+        let polling = match &redis_url {
+            Some(url) => {
+                let m = meter()?;
+                let (row, p99) = scenarios::hot_lock_polling(url, &run, cli.duration).await?;
+                Some((m.finish(row)?, p99))
+            }
+            None => {
+                no_redis("the polling baseline");
+                None
+            }
         };
         // The targets are for 64 clients, against the 64-client polling baseline.
-        let for_target = cli.hot_lock_clients == 64;
-        let other_load = "n/a: the target is for 64 clients";
-        let (text, met) = vs(plain_p99);
-        let plain = plain.detail("polling / this hand-off wait p99", &text);
-        let plain_met = plain.target_met.unwrap_or(false) && met;
-        rows.push(if for_target {
-            plain.target(
-                ">= 5000 hand-offs/s, spread <= 2, hand-off wait p99 10x below polling",
-                plain_met,
-            )
-        } else {
-            plain.no_target(other_load)
-        });
-        let (text, met) = vs(fair_p99);
-        let fair = fair.detail("polling / this hand-off wait p99", &text);
-        let fair_met = fair.target_met.unwrap_or(false) && met;
-        rows.push(if for_target {
-            fair.target(
-                ">= 3000 hand-offs/s, spread <= 1.1, 0 out of order, hand-off wait p99 10x below polling",
-                fair_met,
-            )
-        } else {
-            fair.no_target(other_load)
-        });
-        rows.push(polling);
+        let judge = |row: Row, p99: f64, target: &str| match (&polling, clients) {
+            (_, c) if c != 64 => row.no_target("n/a: the target is for 64 clients"),
+            (None, _) => row.no_target(
+                "not judged: the wait target compares with the polling baseline (--redis-url)",
+            ),
+            (Some((_, polling_p99)), _) => {
+                let ratio = polling_p99 / p99.max(0.001);
+                let met = row.target_met.unwrap_or(false) && ratio >= 10.0;
+                row.detail(
+                    "polling / this hand-off wait p99",
+                    format!("{ratio:.1} (target >= 10)"),
+                )
+                .target(target, met)
+            }
+        };
+        rows.push(judge(
+            plain,
+            plain_p99,
+            ">= 5000 hand-offs/s, spread <= 2, hand-off wait p99 10x below polling",
+        ));
+        rows.push(judge(
+            fair,
+            fair_p99,
+            ">= 3000 hand-offs/s, spread <= 1.1, 0 out of order, hand-off wait p99 10x below polling",
+        ));
+        rows.extend(polling.map(|(row, _)| row));
     }
     if wants(Scenario::ReduceStock) {
-        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let database = match &target {
+            Target::Own { .. } => "SQLite",
+            Target::Running { .. } => "the server's database",
+        };
         for stock in [cli.requests, 100] {
             let m = meter()?;
-            let row =
-                scenarios::reduce_stock(&server.addr, "SQLite", stock, cli.requests, &run).await?;
+            let row = scenarios::reduce_stock(addr, database, stock, cli.requests, &run).await?;
             rows.push(m.finish(row)?);
         }
-        if let Some(admin) = &cli.postgres_url {
-            let pg = Server::start(&redis, Some(&postgres_database(admin).await?)).await?;
-            // PostgreSQL's own CPU is not counted: it runs as many processes.
-            for stock in [cli.requests, 100] {
-                let m = CpuMeter::start(&processes(&pg))?;
-                let row =
-                    scenarios::reduce_stock(&pg.addr, "PostgreSQL", stock, cli.requests, &run)
-                        .await?;
-                rows.push(m.finish(row)?);
+        match (&target, &cli.postgres_url) {
+            (Target::Own { redis, .. }, Some(admin)) => {
+                let pg = Server::start(redis, Some(&postgres_database(admin).await?)).await?;
+                // PostgreSQL's own CPU is not counted: it runs as many processes.
+                for stock in [cli.requests, 100] {
+                    let m = CpuMeter::start(&target.processes(Some(&pg)))?;
+                    let row =
+                        scenarios::reduce_stock(&pg.addr, "PostgreSQL", stock, cli.requests, &run)
+                            .await?;
+                    rows.push(m.finish(row)?);
+                }
             }
-        } else {
-            eprintln!("reduce-stock on PostgreSQL skipped: no --postgres-url");
+            (Target::Own { .. }, None) => {
+                eprintln!("reduce-stock on PostgreSQL skipped: no --postgres-url");
+            }
+            (Target::Running { .. }, Some(_)) => {
+                eprintln!("--postgres-url ignored: the running latchkey uses its own database");
+            }
+            (Target::Running { .. }, None) => {}
         }
     }
     if wants(Scenario::Memory) {
-        rows.extend(scenarios::memory(&server.addr, &redis_client, server.child.id()).await?);
+        match &target {
+            Target::Own { redis, server } => {
+                let redis_client = Client::new(
+                    fred::types::config::Config::from_url(&redis.url())?,
+                    None,
+                    None,
+                    None,
+                );
+                redis_client.init().await?;
+                rows.extend(scenarios::memory(addr, &redis_client, server.child.id()).await?);
+            }
+            Target::Running { .. } => {
+                eprintln!("memory skipped: it runs only against the bench's own servers");
+            }
+        }
     }
     rows.push(machine::loopback_round_trip("after", calibration).await?);
 
