@@ -25,11 +25,14 @@ need_cargo() {
     fi
 }
 
-# A free TCP port on loopback (nothing answers a connect to it).
+# A free TCP port on loopback (nothing answers a connect to it), below the kernel's ephemeral
+# range, so an outgoing connection's local port cannot take it between this check and the bind.
 free_port() {
-    local port
+    local port low
+    read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || low=32768
+    if [ "$low" -le 10000 ]; then low=65536; fi
     while :; do
-        port=$((20000 + RANDOM % 30000))
+        port=$((10000 + RANDOM % (low - 10000)))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
             return
@@ -50,19 +53,31 @@ need_test_postgres() {
         bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
     fi
     LATCHKEY_PG_DIR=$(mktemp -d /tmp/latchkey-pg.XXXXXX)
-    local port run_as=()
-    port=$(free_port)
+    local port run_as=() try
     if [ "$(id -u)" = 0 ]; then
         chown postgres "$LATCHKEY_PG_DIR"
         run_as=(runuser -u postgres --)
     fi
     LATCHKEY_PG_CTL=("${run_as[@]}" "$bin/pg_ctl" -D "$LATCHKEY_PG_DIR/data")
-    "${run_as[@]}" "$bin/initdb" -D "$LATCHKEY_PG_DIR/data" -U postgres -A trust >/dev/null
-    # fsync off: a throwaway cluster for tests; crash safety is PostgreSQL's business, not ours.
-    "${LATCHKEY_PG_CTL[@]}" -w -l "$LATCHKEY_PG_DIR/log" \
-        -o "-p $port -k $LATCHKEY_PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" \
-        start >/dev/null
+    # From here on the directory (and any server started in it) goes when the script ends.
     trap 'stop_test_postgres' EXIT
+    "${run_as[@]}" "$bin/initdb" -D "$LATCHKEY_PG_DIR/data" -U postgres -A trust >/dev/null
+    # Another process may still take the port first: then try another one.
+    for try in 1 2 3 4 5; do
+        port=$(free_port)
+        # fsync off: a throwaway cluster for tests; crash safety is PostgreSQL's business.
+        if "${LATCHKEY_PG_CTL[@]}" -w -l "$LATCHKEY_PG_DIR/log" \
+            -o "-p $port -k $LATCHKEY_PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" \
+            start >/dev/null; then
+            break
+        fi
+        if [ "$try" = 5 ]; then
+            echo "latchkey: the test PostgreSQL did not start; its log:" >&2
+            cat "$LATCHKEY_PG_DIR/log" >&2
+            exit 1
+        fi
+        echo "latchkey: the test PostgreSQL could not start on port $port; trying another" >&2
+    done
     export LATCHKEY_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
     echo "latchkey: private PostgreSQL for tests at $LATCHKEY_TEST_DATABASE_URL" >&2
 }

@@ -210,16 +210,17 @@ impl Target {
     }
 
     /// The processes whose CPU time and context switches every row reports: all three when
-    /// the bench started them, else only its own.
+    /// the bench started them (`latchkey`: another of its servers to measure instead of the
+    /// first, such as the PostgreSQL one), else only its own.
     fn processes(&self, latchkey: Option<&Server>) -> Vec<(&'static str, u32)> {
         let bench = ("bench", std::process::id());
-        match (self, latchkey) {
-            (Target::Own { redis, server }, latchkey) => vec![
+        match self {
+            Target::Own { redis, server } => vec![
                 ("latchkey", latchkey.unwrap_or(server).child.id()),
                 ("Redis", redis.pid()),
                 bench,
             ],
-            (Target::Running { .. }, _) => vec![bench],
+            Target::Running { .. } => vec![bench],
         }
     }
 }
