@@ -11,12 +11,36 @@ use std::{
 
 use fred::prelude::*;
 
-/// A port nobody listens on right now.
+/// A loopback port free right now, for a server started next (and restarted on it later).
+///
+/// It comes from below the kernel's ephemeral range: a port from inside it (what binding port 0
+/// gives) can be taken as the local port of any outgoing connection (the tests open hundreds)
+/// between this check and the server's bind, or while a test has the server stopped. Never
+/// the same port twice in one process, so parallel tests do not pick each other's.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the OS hands out a free loopback port")
+    use std::{
+        collections::HashSet,
+        hash::{BuildHasher, RandomState},
+        sync::Mutex,
+    };
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > 20_000)
+        .unwrap_or(32_768);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let handed_out = handed_out.get_or_insert_with(HashSet::new);
+    let random = RandomState::new();
+    let span = u64::from(ephemeral_start - 10_000);
+    for attempt in 0..10_000u64 {
+        let port = 10_000 + (random.hash_one(attempt) % span) as u16;
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port between 10000 and {ephemeral_start}")
 }
 
 /// A private redis-server without persistence, killed when dropped.
