@@ -19,18 +19,17 @@ use fred::prelude::*;
 /// the same port twice in one process, so parallel tests do not pick each other's.
 pub fn free_port() -> u16 {
     use std::{
-        collections::HashSet,
+        collections::BTreeSet,
         hash::{BuildHasher, RandomState},
         sync::Mutex,
     };
-    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .filter(|&low| low > 20_000)
         .unwrap_or(32_768);
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    let handed_out = handed_out.get_or_insert_with(HashSet::new);
     let random = RandomState::new();
     let span = u64::from(ephemeral_start - 10_000);
     for attempt in 0..10_000u64 {
