@@ -37,6 +37,11 @@ fn rows(json: &std::path::Path) -> Vec<(String, String, Value)> {
         .collect()
 }
 
+/// A row's detail `key` (details are `[key, value]` pairs).
+fn detail<'a>(row: &'a Value, key: &str) -> Option<&'a str> {
+    row["details"].as_array()?.iter().find(|kv| kv[0] == key)?[1].as_str()
+}
+
 #[tokio::test]
 async fn the_bench_loads_a_running_latchkey_and_every_check_holds() {
     let redis = RedisServer::start();
@@ -91,38 +96,30 @@ async fn the_bench_loads_a_running_latchkey_and_every_check_holds() {
     }
     for (scenario, variant, row) in &rows {
         assert_eq!(row["check_passed"], true, "{scenario} / {variant}: {row}");
-        if scenario != "machine" {
-            assert!(
-                row["ops"].as_u64().unwrap_or(0) > 0,
-                "{scenario} / {variant}: {row}"
-            );
+        if scenario == "machine" {
+            continue;
         }
+        assert!(
+            row["ops"].as_u64().unwrap_or(0) > 0,
+            "{scenario} / {variant}: {row}"
+        );
         // Only the bench's own process is measured: latchkey may be on another machine.
-        if let Some(cpu) = row["details"]
-            .as_array()
-            .and_then(|d| d.iter().find(|kv| kv[0] == "CPU us/op"))
-        {
-            let cpu = cpu[1].as_str().unwrap_or_default();
-            assert!(
-                cpu.starts_with("bench ") && !cpu.contains("latchkey"),
-                "{cpu}"
-            );
-        }
+        let cpu = detail(row, "CPU us/op").unwrap_or_default();
+        assert!(
+            cpu.starts_with("bench ") && !cpu.contains("latchkey"),
+            "{scenario} / {variant}: CPU {cpu:?}"
+        );
     }
     let sold = |variant: &str| {
         let (_, _, row) = rows.iter().find(|(_, v, _)| v == variant).expect("row");
-        row["details"]
-            .as_array()
-            .and_then(|d| d.iter().find(|kv| kv[0] == "sold"))
-            .and_then(|kv| kv[1].as_str())
-            .map(str::to_owned)
+        detail(row, "sold")
     };
     assert_eq!(
-        sold("the server's database, stock 200, 100 clients").as_deref(),
+        sold("the server's database, stock 200, 100 clients"),
         Some("200")
     );
     assert_eq!(
-        sold("the server's database, stock 100, 100 clients").as_deref(),
+        sold("the server's database, stock 100, 100 clients"),
         Some("100")
     );
 
