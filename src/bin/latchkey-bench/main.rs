@@ -13,6 +13,7 @@
 //! ```
 
 // The tests' private redis-server harness; the bench uses only part of it.
+mod conn;
 mod cpu;
 mod machine;
 #[allow(dead_code)]

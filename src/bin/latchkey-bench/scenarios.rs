@@ -26,14 +26,14 @@ use latchkey::{
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
-use crate::report::{Row, histogram, record};
+use crate::{
+    conn::Conn,
+    report::{Row, histogram, record},
+};
 
-pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?)
+pub async fn connect(addr: &str) -> anyhow::Result<Conn> {
+    Conn::connect(addr).await
 }
 
 fn proto(d: Duration) -> Option<prost_types::Duration> {

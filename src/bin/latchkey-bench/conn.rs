@@ -1,0 +1,75 @@
+//! The bench's gRPC connections: one HTTP/2 connection from hyper, handed straight to tonic's
+//! generated clients.
+//!
+//! tonic's `Channel` puts a buffer task between the caller and the connection (every request
+//! is queued to that task, which then hands it to the connection's own task): one more task
+//! wake-up per request, paid on the same two cores as the latchkey process being measured.
+//! Production callers usually want the `Channel` (reconnects, load balancing); a load
+//! generator wants to cost as little as it can, so its numbers are about the server. The
+//! requests on the wire are the same gRPC over HTTP/2 either way.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use anyhow::Context as _;
+use http::{Request, Response, Uri, uri::Authority};
+use hyper::{body::Incoming, client::conn::http2::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tonic::body::Body;
+
+/// One HTTP/2 connection to latchkey; clones share it (as several clients on one `Channel`).
+#[derive(Clone)]
+pub struct Conn {
+    send: SendRequest<Body>,
+    authority: Authority,
+}
+
+impl Conn {
+    pub async fn connect(addr: &str) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to latchkey at {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (send, connection) = hyper::client::conn::http2::handshake::<_, _, Body>(
+            TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .with_context(|| format!("HTTP/2 handshake with latchkey at {addr}"))?;
+        tokio::spawn(async move {
+            // Ends when the last clone of `send` is dropped or the server goes away; the
+            // requests still running see the error themselves.
+            let _ = connection.await;
+        });
+        Ok(Self {
+            send,
+            authority: addr.parse()?,
+        })
+    }
+}
+
+impl tower_service::Service<Request<Body>> for Conn {
+    type Response = Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.send.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        // tonic's clients send a bare path; HTTP/2 wants the scheme and authority too (what
+        // `Channel` adds from its endpoint).
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        Box::pin(self.send.send_request(request))
+    }
+}
