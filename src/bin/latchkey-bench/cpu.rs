@@ -5,7 +5,7 @@
 //! be woken, which depends on the code, not on the machine's speed, and on a VM each one is
 //! expensive.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use crate::report::Row;
 
@@ -31,16 +31,19 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64((ticks(11)? + ticks(12)?) / USER_HZ))
 }
 
-/// Context switches of process `pid` so far: voluntary and involuntary, summed over its live
-/// threads (a thread that exited takes its count with it; latchkey's and Redis's threads live
-/// as long as the process).
-fn context_switches(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// Context switches of process `pid` so far, per live thread (voluntary and involuntary).
+fn context_switches(pid: u32) -> anyhow::Result<BTreeMap<u32, u64>> {
+    let mut threads = BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        // A thread may exit between listing and reading.
-        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+        let task = task?;
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
             continue;
         };
+        // A thread may exit between listing and reading.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let mut total = 0;
         for line in status.lines() {
             if let Some((key, value)) = line.split_once(':')
                 && key.ends_with("ctxt_switches")
@@ -48,13 +51,26 @@ fn context_switches(pid: u32) -> anyhow::Result<u64> {
                 total += value.trim().parse::<u64>()?;
             }
         }
+        threads.insert(tid, total);
     }
-    Ok(total)
+    Ok(threads)
+}
+
+/// Context switches between two readings of [`context_switches`]: each thread alive at the end
+/// counts what it did since the start (all of it if it started later). A thread that exited in
+/// between takes its count with it (Linux keeps no per-process total for another process);
+/// latchkey's and Redis's threads live as long as the process, and the bench's short-lived
+/// ones (a progress bar's ticker) sleep most of the time.
+fn switches_since(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(tid, &now)| now.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// CPU times and context switches at the start of a scenario.
 pub struct CpuMeter {
-    processes: Vec<(&'static str, u32, Duration, u64)>,
+    processes: Vec<(&'static str, u32, Duration, BTreeMap<u32, u64>)>,
 }
 
 impl CpuMeter {
@@ -79,7 +95,7 @@ impl CpuMeter {
         for (label, pid, cpu_before, switches_before) in self.processes {
             let used = cpu_time(pid)?.saturating_sub(cpu_before);
             cpu.push(format!("{label} {:.0}", used.as_secs_f64() * 1e6 / ops));
-            let switched = context_switches(pid)?.saturating_sub(switches_before);
+            let switched = switches_since(&switches_before, &context_switches(pid)?);
             switches.push(format!("{label} {:.1}", switched as f64 / ops));
         }
         Ok(row
@@ -126,6 +142,44 @@ mod tests {
         let during = context_switches(pid).unwrap();
         drop(counted_tx);
         sleeper.join().unwrap();
-        assert!(during >= before + 20, "{before} -> {during}");
+        let switched = switches_since(&before, &during);
+        assert!(switched >= 20, "{switched} switches");
+    }
+
+    #[test]
+    fn a_busy_thread_exiting_does_not_hide_the_switches_of_the_others() {
+        let pid = std::process::id();
+        // A thread that has switched a lot is alive at the first reading and gone at the
+        // second (a progress bar's ticker, in the bench): summing over live threads used to
+        // come out below the first reading, and the whole row showed 0.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel::<()>();
+        let busy = std::thread::spawn(move || {
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ready_tx.send(()).unwrap();
+            let _ = exit_rx.recv();
+        });
+        ready_rx.recv().unwrap();
+        let before = context_switches(pid).unwrap();
+        drop(exit_tx);
+        busy.join().unwrap();
+
+        let (slept_tx, slept_rx) = std::sync::mpsc::channel();
+        let (counted_tx, counted_rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            slept_tx.send(()).unwrap();
+            let _ = counted_rx.recv();
+        });
+        slept_rx.recv().unwrap();
+        let after = context_switches(pid).unwrap();
+        drop(counted_tx);
+        sleeper.join().unwrap();
+        let switched = switches_since(&before, &after);
+        assert!(switched >= 20, "{switched} switches");
     }
 }
