@@ -124,24 +124,41 @@ mod tests {
         );
     }
 
+    /// A thread that has slept `sleeps` times for 1 ms (so switched at least that often)
+    /// and stays alive, its count with it, until `exit`.
+    struct Sleeper {
+        exit: std::sync::mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Sleeper {
+        fn spawn(sleeps: u32) -> Self {
+            let (slept_tx, slept_rx) = std::sync::mpsc::channel();
+            let (exit, exit_rx) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                for _ in 0..sleeps {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                slept_tx.send(()).unwrap();
+                let _ = exit_rx.recv();
+            });
+            slept_rx.recv().unwrap();
+            Self { exit, thread }
+        }
+
+        fn exit(self) {
+            drop(self.exit);
+            self.thread.join().unwrap();
+        }
+    }
+
     #[test]
     fn a_thread_that_sleeps_and_wakes_counts_context_switches() {
         let pid = std::process::id();
         let before = context_switches(pid).unwrap();
-        let (slept_tx, slept_rx) = std::sync::mpsc::channel();
-        let (counted_tx, counted_rx) = std::sync::mpsc::channel::<()>();
-        let sleeper = std::thread::spawn(move || {
-            for _ in 0..20 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            // Stays alive until it has been counted: an exited thread's switches are gone.
-            slept_tx.send(()).unwrap();
-            let _ = counted_rx.recv();
-        });
-        slept_rx.recv().unwrap();
+        let sleeper = Sleeper::spawn(20);
         let during = context_switches(pid).unwrap();
-        drop(counted_tx);
-        sleeper.join().unwrap();
+        sleeper.exit();
         let switched = switches_since(&before, &during);
         assert!(switched >= 20, "{switched} switches");
     }
@@ -152,33 +169,12 @@ mod tests {
         // A thread that has switched a lot is alive at the first reading and gone at the
         // second (a progress bar's ticker, in the bench): summing over live threads used to
         // come out below the first reading, and the whole row showed 0.
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (exit_tx, exit_rx) = std::sync::mpsc::channel::<()>();
-        let busy = std::thread::spawn(move || {
-            for _ in 0..100 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            ready_tx.send(()).unwrap();
-            let _ = exit_rx.recv();
-        });
-        ready_rx.recv().unwrap();
+        let busy = Sleeper::spawn(100);
         let before = context_switches(pid).unwrap();
-        drop(exit_tx);
-        busy.join().unwrap();
-
-        let (slept_tx, slept_rx) = std::sync::mpsc::channel();
-        let (counted_tx, counted_rx) = std::sync::mpsc::channel::<()>();
-        let sleeper = std::thread::spawn(move || {
-            for _ in 0..20 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            slept_tx.send(()).unwrap();
-            let _ = counted_rx.recv();
-        });
-        slept_rx.recv().unwrap();
+        busy.exit();
+        let sleeper = Sleeper::spawn(20);
         let after = context_switches(pid).unwrap();
-        drop(counted_tx);
-        sleeper.join().unwrap();
+        sleeper.exit();
         let switched = switches_since(&before, &after);
         assert!(switched >= 20, "{switched} switches");
     }
