@@ -12,6 +12,7 @@ use std::{
     future::Future,
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -20,6 +21,10 @@ use hyper::{body::Incoming, client::conn::http2::SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tonic::body::Body;
+
+/// How long a TCP connection to latchkey may take (a host that drops SYNs would otherwise hold
+/// the bench for the kernel's two minutes of retries).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One HTTP/2 connection to latchkey; clones share it (as several clients on one `Channel`).
 #[derive(Clone)]
@@ -30,16 +35,17 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(addr: &str) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to latchkey at {addr}"))?;
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(connected) => connected.with_context(|| format!("TCP connection to {addr}"))?,
+            Err(_) => anyhow::bail!("TCP connection to {addr}: none within {CONNECT_TIMEOUT:?}"),
+        };
         stream.set_nodelay(true)?;
         let (send, connection) = hyper::client::conn::http2::handshake::<_, _, Body>(
             TokioExecutor::new(),
             TokioIo::new(stream),
         )
         .await
-        .with_context(|| format!("HTTP/2 handshake with latchkey at {addr}"))?;
+        .with_context(|| format!("HTTP/2 handshake with {addr}"))?;
         tokio::spawn(async move {
             // Ends when the last clone of `send` is dropped or the server goes away; the
             // requests still running see the error themselves.

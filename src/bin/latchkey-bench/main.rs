@@ -245,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
             );
             scenarios::connect(addr)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot reach latchkey at {addr}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("cannot reach latchkey: {e:#}"))?;
             Target::Running {
                 addr: addr.clone(),
                 redis_url: cli.redis_url.clone(),
