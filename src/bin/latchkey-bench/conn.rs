@@ -26,6 +26,10 @@ use tonic::body::Body;
 /// the bench for the kernel's two minutes of retries).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one request may go unanswered: longer than the longest wait any scenario asks
+/// for (120 s, the memory scenario's waiters), so only a server that stopped answering hits it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(150);
+
 /// One HTTP/2 connection to latchkey; clones share it (as several clients on one `Channel`).
 #[derive(Clone)]
 pub struct Conn {
@@ -60,11 +64,11 @@ impl Conn {
 
 impl tower_service::Service<Request<Body>> for Conn {
     type Response = Response<Incoming>;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.send.poll_ready(cx)
+        self.send.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
@@ -76,6 +80,12 @@ impl tower_service::Service<Request<Body>> for Conn {
         if let Ok(uri) = Uri::from_parts(parts) {
             *request.uri_mut() = uri;
         }
-        Box::pin(self.send.send_request(request))
+        let response = self.send.send_request(request);
+        Box::pin(async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, response).await {
+                Ok(response) => Ok(response?),
+                Err(_) => Err(format!("no response within {REQUEST_TIMEOUT:?}").into()),
+            }
+        })
     }
 }
