@@ -30,7 +30,6 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use cpu::CpuMeter;
-use fred::{interfaces::ClientLike, prelude::Client};
 use redis::{RedisServer, free_port};
 use report::Row;
 
@@ -378,13 +377,7 @@ async fn main() -> anyhow::Result<()> {
     if wants(Scenario::Memory) {
         match &target {
             Target::Own { redis, server } => {
-                let redis_client = Client::new(
-                    fred::types::config::Config::from_url(&redis.url())?,
-                    None,
-                    None,
-                    None,
-                );
-                redis_client.init().await?;
+                let redis_client = scenarios::redis_client(&redis.url()).await?;
                 rows.extend(scenarios::memory(addr, &redis_client, server.child.id()).await?);
             }
             Target::Running { .. } => {
