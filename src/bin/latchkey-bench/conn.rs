@@ -39,6 +39,9 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(addr: &str) -> anyhow::Result<Self> {
+        let authority: Authority = addr
+            .parse()
+            .with_context(|| format!("{addr:?} is not HOST:PORT"))?;
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(connected) => connected.with_context(|| format!("TCP connection to {addr}"))?,
             Err(_) => anyhow::bail!("TCP connection to {addr}: none within {CONNECT_TIMEOUT:?}"),
@@ -55,10 +58,7 @@ impl Conn {
             // requests still running see the error themselves.
             let _ = connection.await;
         });
-        Ok(Self {
-            send,
-            authority: addr.parse()?,
-        })
+        Ok(Self { send, authority })
     }
 }
 
@@ -73,7 +73,7 @@ impl tower_service::Service<Request<Body>> for Conn {
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         // tonic's clients send a bare path; HTTP/2 wants the scheme and authority too (what
-        // `Channel` adds from its endpoint).
+        // `Channel` adds from its endpoint). A path always combines with them.
         let mut parts = request.uri().clone().into_parts();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(self.authority.clone());
