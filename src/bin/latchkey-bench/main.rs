@@ -132,7 +132,7 @@ impl Server {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(channel) = scenarios::connect(&server.addr).await {
+            if let Ok(channel) = conn::Conn::connect(&server.addr).await {
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
                 let check = health
                     .check(tonic_health::pb::HealthCheckRequest {
@@ -242,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
                 "the memory scenario flushes Redis and reads latchkey's RSS, so it runs only \
                  against the bench's own servers: drop --addr"
             );
-            scenarios::connect(addr)
+            conn::Conn::connect(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot reach latchkey: {e:#}"))?;
             Target::Running {

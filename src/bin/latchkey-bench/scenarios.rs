@@ -35,12 +35,10 @@ use crate::{
     report::{Row, histogram, record},
 };
 
-pub async fn connect(addr: &str) -> anyhow::Result<Conn> {
-    Conn::connect(addr).await
-}
-
 /// A Redis client for the bench's own commands, each bounded so a stalled Redis fails the
-/// row rather than hanging the bench.
+/// row rather than hanging the bench. (Not the server's `fred_builder`: that one keeps
+/// reconnecting to a Redis that is not there at start, right for the server, wrong for a
+/// bench given a mistyped `--redis-url`.)
 pub async fn redis_client(redis_url: &str) -> anyhow::Result<Client> {
     let performance = PerformanceConfig {
         default_command_timeout: Duration::from_secs(10),
@@ -155,7 +153,7 @@ pub async fn uncontended(
     let bar = timed_bar("uncontended", duration);
     let mut channels = Vec::new();
     for _ in 0..connections.clamp(1, CLIENTS) {
-        channels.push(connect(addr).await?);
+        channels.push(Conn::connect(addr).await?);
     }
     let started = Instant::now();
     let deadline = started + duration;
@@ -235,7 +233,8 @@ pub async fn uncontended_grpc_only(addr: &str, duration: Duration) -> anyhow::Re
     let deadline = started + duration;
     let mut tasks = JoinSet::new();
     for _ in 0..CLIENTS {
-        let mut client = tonic_health::pb::health_client::HealthClient::new(connect(addr).await?);
+        let mut client =
+            tonic_health::pb::health_client::HealthClient::new(Conn::connect(addr).await?);
         tasks.spawn(async move {
             let mut tally = Tally::new();
             while Instant::now() < deadline {
@@ -453,7 +452,7 @@ pub async fn hot_lock(
     let deadline = started + duration;
     let mut tasks = JoinSet::new();
     for c in 0..clients {
-        let mut client = LockServiceClient::new(connect(addr).await?);
+        let mut client = LockServiceClient::new(Conn::connect(addr).await?);
         let (grants, name) = (grants.clone(), name.clone());
         tasks.spawn(async move {
             let mut tally = Tally::new();
@@ -611,7 +610,7 @@ pub async fn reduce_stock(
 ) -> anyhow::Result<Row> {
     const CLIENTS: u64 = 100;
     let product = format!("bench/{run}/{stock}");
-    let mut admin = StockServiceClient::new(connect(addr).await?);
+    let mut admin = StockServiceClient::new(Conn::connect(addr).await?);
     admin
         .set_stock(pb::SetStockRequest {
             product_id: product.clone(),
@@ -623,7 +622,7 @@ pub async fn reduce_stock(
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for c in 0..CLIENTS {
-        let mut client = StockServiceClient::new(connect(addr).await?);
+        let mut client = StockServiceClient::new(Conn::connect(addr).await?);
         let (product, bar, sold) = (product.clone(), bar.clone(), sold.clone());
         tasks.spawn(async move {
             let mut tally = Tally::new();
@@ -707,7 +706,7 @@ pub async fn memory(addr: &str, redis: &Client, latchkey_pid: u32) -> anyhow::Re
     let bar = counted_bar("memory: 100k locks", LOCKS);
     let mut tasks = JoinSet::new();
     for c in 0..64u64 {
-        let mut client = LockServiceClient::new(connect(addr).await?);
+        let mut client = LockServiceClient::new(Conn::connect(addr).await?);
         let bar = bar.clone();
         tasks.spawn(async move {
             let mut failed = 0u64;
@@ -749,7 +748,7 @@ pub async fn memory(addr: &str, redis: &Client, latchkey_pid: u32) -> anyhow::Re
     const NAMES: usize = 1_000;
     const WAITERS: usize = 10_000;
     let rss_idle = rss_kib(latchkey_pid);
-    let mut admin = LockServiceClient::new(connect(addr).await?);
+    let mut admin = LockServiceClient::new(Conn::connect(addr).await?);
     for i in 0..NAMES {
         admin
             .acquire(acquire(
@@ -763,7 +762,7 @@ pub async fn memory(addr: &str, redis: &Client, latchkey_pid: u32) -> anyhow::Re
     let bar = counted_bar("memory: 10k waiters", WAITERS as u64);
     let mut channels = Vec::new();
     for _ in 0..100 {
-        channels.push(connect(addr).await?);
+        channels.push(Conn::connect(addr).await?);
     }
     let mut waiting = JoinSet::new();
     for w in 0..WAITERS {
