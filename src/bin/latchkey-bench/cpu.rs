@@ -108,19 +108,46 @@ impl CpuMeter {
 mod tests {
     use super::*;
 
+    /// This thread's time on a CPU so far, from the scheduler's own nanosecond count
+    /// (`/proc/thread-self/schedstat`): a second witness, independent of the tick-based
+    /// `/proc/<pid>/stat` that `cpu_time` reads.
+    fn thread_on_cpu() -> Duration {
+        let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        let ns = schedstat
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Duration::from_nanos(ns)
+    }
+
     #[test]
     fn own_cpu_time_is_read_and_grows_with_work() {
         let pid = std::process::id();
         let before = cpu_time(pid).unwrap();
-        let started = std::time::Instant::now();
+        let (started, on_cpu) = (std::time::Instant::now(), thread_on_cpu());
+        // Spin for 300 ms of CPU, not of wall time: on a loaded machine this thread may get a
+        // small share of a core, and the test must not depend on how small.
         let mut x = 0u64;
-        while started.elapsed() < Duration::from_millis(200) {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        while thread_on_cpu() < on_cpu + Duration::from_millis(300) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "never got 300 ms of CPU"
+            );
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+            }
         }
         let after = cpu_time(pid).unwrap();
+        let wall = started.elapsed();
+        // Ticks are 10 ms and sampled, hence the 50 ms of slack; no process gets more CPU
+        // than its wall time on every core.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         assert!(
-            after >= before + Duration::from_millis(100),
-            "{before:?} -> {after:?}"
+            after >= before + Duration::from_millis(250)
+                && after <= before + wall * cores + Duration::from_millis(50),
+            "{before:?} -> {after:?} in {wall:?} on {cores} cores"
         );
     }
 
