@@ -12,10 +12,10 @@
 //!     --redis-url redis://10.0.0.6:6379
 //! ```
 
-// The tests' private redis-server harness; the bench uses only part of it.
 mod conn;
 mod cpu;
 mod machine;
+// The tests' private redis-server harness; the bench uses only part of it.
 #[allow(dead_code)]
 #[path = "../../../tests/common/redis.rs"]
 mod redis;
