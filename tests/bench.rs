@@ -1,7 +1,8 @@
 //! The benchmark pointed at a latchkey that is already running (`latchkey-bench --addr`), as a
-//! user would run it against a deployed server. These tests prove the run completes and its
-//! correctness checks hold, not its numbers: this is a dev build on a shared machine, and the
-//! numbers come from `deploy/bench.sh`.
+//! user would run it against a deployed server, and starting its own redis-server and latchkey
+//! as `deploy/bench.sh` does. These tests prove the run completes and its correctness checks
+//! hold, not its numbers: this is a dev build on a shared machine, and the numbers come from
+//! `deploy/bench.sh`.
 
 mod common;
 
@@ -152,5 +153,120 @@ fn the_memory_scenario_refuses_a_running_latchkey() {
     assert!(
         stderr.contains("memory scenario flushes Redis") && stderr.contains("drop --addr"),
         "{stderr}"
+    );
+}
+
+/// Runs the bench, and while it runs reads the environment of the `latchkey` process it
+/// started (one of its children, found through `/proc`).
+fn bench_reading_its_server_env(args: &[&str], env: &[(&str, &str)]) -> (Output, Vec<String>) {
+    let child = Command::new(env!("CARGO_BIN_EXE_latchkey-bench"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run latchkey-bench");
+    let bench_pid = child.id();
+    let children = || -> Vec<u32> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{bench_pid}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let server_env = loop {
+        let found = children().into_iter().find_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "latchkey")
+                .then(|| std::fs::read(format!("/proc/{pid}/environ")).ok())
+                .flatten()
+        });
+        if let Some(environ) = found {
+            break environ
+                .split(|b| *b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect::<Vec<_>>();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bench never started latchkey"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (child.wait_with_output().expect("bench output"), server_env)
+}
+
+/// The TOKIO_WORKER_THREADS entries of an environment.
+fn workers_setting(env: &[String]) -> Vec<&str> {
+    env.iter()
+        .map(String::as_str)
+        .filter(|v| v.starts_with("TOKIO_WORKER_THREADS="))
+        .collect()
+}
+
+#[test]
+fn the_bench_starts_its_own_latchkey_with_the_worker_count_asked_for() {
+    // The bench itself is started with another TOKIO_WORKER_THREADS: its latchkey must get
+    // only what --server-worker-threads says, and nothing of the bench's own when unset.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench.json");
+    let (out, server_env) = bench_reading_its_server_env(
+        &[
+            "hot-lock",
+            "--duration",
+            "1s",
+            "--hot-lock-clients",
+            "4",
+            "--server-worker-threads",
+            "1",
+            "--json",
+            json.to_str().expect("utf-8 temp path"),
+        ],
+        &[("TOKIO_WORKER_THREADS", "7")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert_eq!(workers_setting(&server_env), ["TOKIO_WORKER_THREADS=1"]);
+    let said = "loopback, latchkey with 1 Tokio worker(s) (TOKIO_WORKER_THREADS=1)";
+    assert!(
+        stdout.lines().next().unwrap_or_default().contains(said),
+        "{stdout}"
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("JSON")).expect("valid JSON");
+    assert_eq!(report["server"], said);
+    // Its own servers: the rows measure latchkey and Redis as well, and every check held.
+    let rows = rows(&json);
+    let hot: Vec<_> = rows.iter().filter(|(s, _, _)| s == "hot-lock").collect();
+    assert_eq!(hot.len(), 3, "{rows:?}");
+    for (scenario, variant, row) in &rows {
+        assert_eq!(row["check_passed"], true, "{scenario} / {variant}: {row}");
+    }
+    let (_, _, plain) = hot[0];
+    let cpu = detail(plain, "CPU us/op").unwrap_or_default();
+    assert!(
+        cpu.contains("latchkey") && cpu.contains("Redis"),
+        "CPU {cpu:?}"
+    );
+
+    let (out, server_env) = bench_reading_its_server_env(
+        &["uncontended", "--duration", "200ms"],
+        &[("TOKIO_WORKER_THREADS", "7")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed:\n{stdout}");
+    assert_eq!(workers_setting(&server_env), Vec::<&str>::new());
+    assert!(
+        stdout.contains("loopback, latchkey with a Tokio worker per core"),
+        "{stdout}"
     );
 }

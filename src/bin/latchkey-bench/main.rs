@@ -23,6 +23,7 @@ mod report;
 mod scenarios;
 
 use std::{
+    num::NonZeroUsize,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -67,6 +68,10 @@ struct Cli {
     /// lock scripts without gRPC, and SET NX polling); without it they are skipped.
     #[arg(long, requires = "addr")]
     redis_url: Option<String>,
+    /// Tokio worker threads of the latchkey the bench starts (its TOKIO_WORKER_THREADS);
+    /// without it, latchkey's default of one per core. The table's first line says which.
+    #[arg(long, conflicts_with = "addr")]
+    server_worker_threads: Option<NonZeroUsize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -96,7 +101,11 @@ mod tempfile_dir {
 }
 
 impl Server {
-    async fn start(redis: &RedisServer, database_url: Option<&str>) -> anyhow::Result<Self> {
+    async fn start(
+        redis: &RedisServer,
+        database_url: Option<&str>,
+        workers: Option<NonZeroUsize>,
+    ) -> anyhow::Result<Self> {
         let port = free_port();
         let binary = std::env::current_exe()?.with_file_name("latchkey");
         anyhow::ensure!(
@@ -116,15 +125,22 @@ impl Server {
                 )
             }
         };
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("serve")
             .env("LATCHKEY_LISTEN", format!("127.0.0.1:{port}"))
             .env("LATCHKEY_REDIS_URL", redis.url())
             .env("LATCHKEY_DATABASE_URL", url)
             .env("LATCHKEY_DATABASE_POOL_SIZE", "16")
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?;
+            .stdout(Stdio::null());
+        // Only what --server-worker-threads says, never a TOKIO_WORKER_THREADS the bench
+        // itself happened to be started with, so the table's first line is true.
+        match workers {
+            Some(n) => command.env("TOKIO_WORKER_THREADS", n.to_string()),
+            None => command.env_remove("TOKIO_WORKER_THREADS"),
+        };
+        let child = command.spawn()?;
         let server = Self {
             addr: format!("127.0.0.1:{port}"),
             child,
@@ -233,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
     let target = match &cli.addr {
         None => {
             let redis = RedisServer::start();
-            let server = Server::start(&redis, None).await?;
+            let server = Server::start(&redis, None, cli.server_worker_threads).await?;
             Target::Own { redis, server }
         }
         Some(addr) => {
@@ -252,18 +268,21 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let addr = target.addr();
+    let server = match (&target, cli.server_worker_threads) {
+        (Target::Own { .. }, None) => "loopback, latchkey with a Tokio worker per core".to_owned(),
+        (Target::Own { .. }, Some(n)) => {
+            format!("loopback, latchkey with {n} Tokio worker(s) (TOKIO_WORKER_THREADS={n})")
+        }
+        (Target::Running { addr, .. }, _) => format!("against the running latchkey at {addr}"),
+    };
     println!(
-        "latchkey-bench on {}, {} build, {}",
+        "latchkey-bench on {}, {} build, {server}",
         machine(),
         if cfg!(debug_assertions) {
             "debug"
         } else {
             "release"
         },
-        match &target {
-            Target::Own { .. } => "loopback".to_owned(),
-            Target::Running { addr, .. } => format!("against the running latchkey at {addr}"),
-        }
     );
     // Names of locks and products this run creates, so a run never trips over what an
     // earlier, interrupted one left behind on a long-running server.
@@ -355,7 +374,12 @@ async fn main() -> anyhow::Result<()> {
         }
         match (&target, &cli.postgres_url) {
             (Target::Own { redis, .. }, Some(admin)) => {
-                let pg = Server::start(redis, Some(&postgres_database(admin).await?)).await?;
+                let pg = Server::start(
+                    redis,
+                    Some(&postgres_database(admin).await?),
+                    cli.server_worker_threads,
+                )
+                .await?;
                 // PostgreSQL's own CPU is not counted: it runs as many processes.
                 for stock in [cli.requests, 100] {
                     let m = CpuMeter::start(&target.processes(Some(&pg)))?;
@@ -389,7 +413,7 @@ async fn main() -> anyhow::Result<()> {
 
     report::print(&rows);
     if let Some(path) = &cli.json {
-        let json = serde_json::json!({ "machine": machine(), "rows": rows });
+        let json = serde_json::json!({ "machine": machine(), "server": server, "rows": rows });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
         println!("wrote {}", path.display());
     }
