@@ -12,11 +12,14 @@ use common::*;
 use fred::interfaces::ClientLike;
 use serde_json::Value;
 
+fn bench_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_latchkey-bench"));
+    command.args(args);
+    command
+}
+
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latchkey-bench"))
-        .args(args)
-        .output()
-        .expect("run latchkey-bench")
+    bench_command(args).output().expect("run latchkey-bench")
 }
 
 /// The rows of a `--json` report, as (scenario, variant, row).
@@ -159,8 +162,7 @@ fn the_memory_scenario_refuses_a_running_latchkey() {
 /// Runs the bench, and while it runs reads the environment of the `latchkey` process it
 /// started (one of its children, found through `/proc`).
 fn bench_reading_its_server_env(args: &[&str], env: &[(&str, &str)]) -> (Output, Vec<String>) {
-    let child = Command::new(env!("CARGO_BIN_EXE_latchkey-bench"))
-        .args(args)
+    let child = bench_command(args)
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
