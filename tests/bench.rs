@@ -6,7 +6,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::{
+    io::Read,
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use common::*;
 use fred::interfaces::ClientLike;
@@ -159,18 +164,78 @@ fn the_memory_scenario_refuses_a_running_latchkey() {
     );
 }
 
-/// Runs the bench, and while it runs reads the environment of the `latchkey` process it
-/// started (one of its children, found through `/proc`).
-fn bench_reading_its_server_env(args: &[&str], env: &[(&str, &str)]) -> (Output, Vec<String>) {
-    let child = bench_command(args)
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run latchkey-bench");
-    let bench_pid = child.id();
-    let children = || -> Vec<u32> {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{bench_pid}/task")) else {
+/// A bench started in the background with its own servers. If a test ends while it still
+/// runs, it gets SIGTERM, on which it removes what it started; any server the test saw it
+/// start that still runs after that is killed, so a failing test leaves nothing behind.
+struct BenchProcess {
+    child: Child,
+    stdout: Captured,
+    stderr: Captured,
+    /// The bench's servers that `wait_for_child` found.
+    servers: Vec<u32>,
+}
+
+/// One output pipe of the bench, read by a thread until it closes.
+struct Captured {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Captured {
+    fn read(mut pipe: impl Read + Send + 'static) -> Self {
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&bytes);
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend_from_slice(&chunk[..n]);
+            }
+        });
+        Self { bytes, reader }
+    }
+
+    /// What was read, once the pipe closed or `grace` passed; the bool says it closed.
+    fn take(&self, grace: Duration) -> (Vec<u8>, bool) {
+        let deadline = Instant::now() + grace;
+        while !self.reader.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let bytes = self
+            .bytes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        (bytes, self.reader.is_finished())
+    }
+}
+
+impl BenchProcess {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = bench_command(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run latchkey-bench");
+        let stdout = Captured::read(child.stdout.take().expect("piped stdout"));
+        let stderr = Captured::read(child.stderr.take().expect("piped stderr"));
+        Self {
+            child,
+            stdout,
+            stderr,
+            servers: Vec::new(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The bench's child processes whose command is `comm` (found through `/proc`).
+    fn children_named(&self, comm: &str) -> Vec<u32> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
             return Vec::new();
         };
         tasks
@@ -181,29 +246,94 @@ fn bench_reading_its_server_env(args: &[&str], env: &[(&str, &str)]) -> (Output,
                     .filter_map(|p| p.parse().ok())
                     .collect::<Vec<u32>>()
             })
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+            })
             .collect()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let server_env = loop {
-        let found = children().into_iter().find_map(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            (comm.trim() == "latchkey")
-                .then(|| std::fs::read(format!("/proc/{pid}/environ")).ok())
-                .flatten()
-        });
-        if let Some(environ) = found {
-            break environ
-                .split(|b| *b == 0)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect::<Vec<_>>();
+    }
+
+    /// Waits (at most a minute) until the bench runs a child named `comm`; returns its pid.
+    fn wait_for_child(&mut self, comm: &str) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(&pid) = self.children_named(comm).first() {
+                self.servers.push(pid);
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "the bench never started {comm}");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the bench never started latchkey"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    (child.wait_with_output().expect("bench output"), server_env)
+    }
+
+    /// Waits (at most `within`) for the bench to end by itself, and returns what it printed.
+    fn finish(&mut self, within: Duration) -> Output {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("the bench's status") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bench did not end within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // A server the bench left running keeps its stderr open: do not wait for that.
+        let (stdout, _) = self.stdout.take(Duration::from_secs(5));
+        let (mut stderr, closed) = self.stderr.take(Duration::from_secs(5));
+        if !closed {
+            stderr.extend_from_slice(b"\n[a process the bench started still holds its stderr]");
+        }
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for BenchProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for pid in self.servers.iter().filter(|pid| !gone(**pid)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie: dead, only not yet reaped).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Runs the bench, and while it runs reads the environment of the `latchkey` process it
+/// started.
+fn bench_reading_its_server_env(args: &[&str], env: &[(&str, &str)]) -> (Output, Vec<String>) {
+    let mut bench = BenchProcess::spawn(args, env);
+    let latchkey = bench.wait_for_child("latchkey");
+    let environ = std::fs::read(format!("/proc/{latchkey}/environ")).expect("latchkey's environ");
+    let server_env = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect::<Vec<_>>();
+    (bench.finish(Duration::from_secs(120)), server_env)
 }
 
 /// The TOKIO_WORKER_THREADS entries of an environment.
@@ -271,4 +401,72 @@ fn the_bench_starts_its_own_latchkey_with_the_worker_count_asked_for() {
         stdout.contains("loopback, latchkey with a Tokio worker per core"),
         "{stdout}"
     );
+}
+
+#[test]
+fn a_terminated_bench_stops_the_servers_it_started() {
+    let mut bench = BenchProcess::spawn(
+        &["hot-lock", "--duration", "30s", "--hot-lock-clients", "4"],
+        &[],
+    );
+    let redis = bench.wait_for_child("redis-server");
+    let latchkey = bench.wait_for_child("latchkey");
+    signal(bench.pid(), "TERM");
+    let out = bench.finish(Duration::from_secs(30));
+    let survivors: Vec<u32> = [redis, latchkey]
+        .into_iter()
+        .filter(|p| !gone(*p))
+        .collect();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        survivors.is_empty(),
+        "still running: {survivors:?}; {stderr}"
+    );
+    assert!(!out.status.success(), "a stopped run is not a success");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_bench_drops_the_postgresql_database_it_created() {
+    let postgres = PgCluster::start();
+    let bench_databases = || async {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres.url())
+            .await
+            .expect("connect to the test PostgreSQL");
+        let names: Vec<(String,)> =
+            sqlx::query_as("SELECT datname FROM pg_database WHERE datname LIKE 'latchkey_bench%'")
+                .fetch_all(&mut conn)
+                .await
+                .expect("list databases");
+        names.into_iter().map(|(n,)| n).collect::<Vec<_>>()
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench.json");
+    let out = bench(&[
+        "reduce-stock",
+        "--requests",
+        "200",
+        "--postgres-url",
+        &postgres.url(),
+        "--json",
+        json.to_str().expect("utf-8 temp path"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    // It did use a database there (the PostgreSQL rows ran, and sold what they should)...
+    let rows = rows(&json);
+    for (variant, sold) in [
+        ("PostgreSQL, stock 200, 100 clients", "200"),
+        ("PostgreSQL, stock 100, 100 clients", "100"),
+    ] {
+        let (_, _, row) = rows
+            .iter()
+            .find(|(_, v, _)| v == variant)
+            .unwrap_or_else(|| panic!("no row {variant:?} in {rows:?}"));
+        assert_eq!(row["check_passed"], true, "{variant}: {row}");
+        assert_eq!(detail(row, "sold"), Some(sold), "{variant}: {row}");
+    }
+    // ...and left none behind.
+    assert_eq!(bench_databases().await, Vec::<String>::new());
 }

@@ -53,7 +53,7 @@ struct Cli {
     #[arg(long, default_value_t = 10_000)]
     requests: u64,
     /// A PostgreSQL server where the benchmark may create a database, for the PostgreSQL
-    /// reduce-stock runs (skipped without it).
+    /// reduce-stock runs (skipped without it). The database is dropped when the run ends.
     #[arg(long, env = "LATCHKEY_BENCH_POSTGRES_URL")]
     postgres_url: Option<String>,
     /// Also write the results as JSON.
@@ -172,17 +172,63 @@ impl Drop for Server {
     }
 }
 
-/// A fresh database on the PostgreSQL server at `admin_url`.
-async fn postgres_database(admin_url: &str) -> anyhow::Result<String> {
-    use sqlx::{Connection, Executor};
-    let name = format!("latchkey_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await?;
-    let base = admin_url
-        .rsplit_once('/')
-        .map_or(admin_url, |(base, _)| base);
-    Ok(format!("{base}/{name}"))
+/// A fresh database the bench created on the user's PostgreSQL server (`--postgres-url`),
+/// dropped when this value is, however the run ends.
+struct PgDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        use sqlx::{Connection, Executor};
+        let name = format!("latchkey_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await?;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url, |(base, _)| base);
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the bench's runtime, which cannot block on a future: a thread with
+        // a runtime of its own does. FORCE ends the connections of a latchkey still running.
+        let dropped = std::thread::spawn(move || -> anyhow::Result<()> {
+            use sqlx::{Connection, Executor};
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let drop = async {
+                    let mut conn = sqlx::PgConnection::connect(&admin_url).await?;
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    conn.execute(sql.as_str()).await?;
+                    anyhow::Ok(())
+                };
+                tokio::time::timeout(Duration::from_secs(10), drop)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            let why = match dropped {
+                Ok(Err(error)) => format!("{error:#}"),
+                _ => "the dropping thread panicked".into(),
+            };
+            eprintln!("could not drop the bench's database {}: {why}", self.name);
+        }
+    }
 }
 
 fn machine() -> String {
@@ -244,6 +290,34 @@ impl Target {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // A stopped run drops its state, and with it the servers and the database it started:
+    // `kill` or `timeout` must not leave a redis-server or latchkey behind.
+    tokio::select! {
+        result = run(cli) => result,
+        signal = termination() => anyhow::bail!(
+            "stopped by {signal}; the servers and database this run started were removed"
+        ),
+    }
+}
+
+/// Resolves with the signal's name on the first SIGTERM or SIGINT (never, if the handlers
+/// cannot be installed: the default action then stops the bench, as before).
+async fn termination() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("cannot install signal handlers: a stopped bench may leave its servers running");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let explicitly = |s: Scenario| cli.scenarios.contains(&s);
     let wants = |s: Scenario| cli.scenarios.contains(&Scenario::All) || explicitly(s);
     let target = match &cli.addr {
@@ -374,12 +448,10 @@ async fn main() -> anyhow::Result<()> {
         }
         match (&target, &cli.postgres_url) {
             (Target::Own { redis, .. }, Some(admin)) => {
-                let pg = Server::start(
-                    redis,
-                    Some(&postgres_database(admin).await?),
-                    cli.server_worker_threads,
-                )
-                .await?;
+                // Declared first, so dropped last: after the latchkey that uses it stopped.
+                let database = PgDatabase::create(admin).await?;
+                let pg = Server::start(redis, Some(&database.url), cli.server_worker_threads)
+                    .await?;
                 // PostgreSQL's own CPU is not counted: it runs as many processes.
                 for stock in [cli.requests, 100] {
                     let m = CpuMeter::start(&target.processes(Some(&pg)))?;
