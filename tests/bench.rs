@@ -118,6 +118,12 @@ async fn the_bench_loads_a_running_latchkey_and_every_check_holds() {
             cpu.starts_with("bench ") && !cpu.contains("latchkey"),
             "{scenario} / {variant}: CPU {cpu:?}"
         );
+        let waited = detail(row, "waited for a core us/op").unwrap_or_default();
+        assert!(
+            waited.starts_with("bench ") && !waited.contains("latchkey"),
+            "{scenario} / {variant}: waited {waited:?}"
+        );
+        assert_busy_share(row);
     }
     let sold = |variant: &str| {
         let (_, _, row) = rows.iter().find(|(_, v, _)| v == variant).expect("row");
@@ -161,6 +167,22 @@ fn the_memory_scenario_refuses_a_running_latchkey() {
     assert!(
         stderr.contains("memory scenario flushes Redis") && stderr.contains("drop --addr"),
         "{stderr}"
+    );
+}
+
+/// A row's "cores busy" reads "N% (steal M%)" with shares between 0 and 100.
+fn assert_busy_share(row: &Value) {
+    let busy = detail(row, "cores busy").unwrap_or_default();
+    let shares: Vec<f64> = busy
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .map(|n| n.parse().expect("a number"))
+        .collect();
+    assert!(
+        busy.contains("% (steal ")
+            && shares.len() == 2
+            && shares.iter().all(|s| (0.0..=100.0).contains(s)),
+        "cores busy: {busy:?} in {row}"
     );
 }
 
@@ -384,11 +406,16 @@ fn the_bench_starts_its_own_latchkey_with_the_worker_count_asked_for() {
         assert_eq!(row["check_passed"], true, "{scenario} / {variant}: {row}");
     }
     let (_, _, plain) = hot[0];
-    let cpu = detail(plain, "CPU us/op").unwrap_or_default();
-    assert!(
-        cpu.contains("latchkey") && cpu.contains("Redis"),
-        "CPU {cpu:?}"
-    );
+    for key in ["CPU us/op", "switches/op", "waited for a core us/op"] {
+        let per_process = detail(plain, key).unwrap_or_default();
+        assert!(
+            ["latchkey ", "Redis ", "bench "]
+                .iter()
+                .all(|p| per_process.contains(p)),
+            "{key}: {per_process:?}"
+        );
+    }
+    assert_busy_share(plain);
 
     let (out, server_env) = bench_reading_its_server_env(
         &["uncontended", "--duration", "200ms"],

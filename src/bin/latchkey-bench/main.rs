@@ -450,8 +450,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Target::Own { redis, .. }, Some(admin)) => {
                 // Declared first, so dropped last: after the latchkey that uses it stopped.
                 let database = PgDatabase::create(admin).await?;
-                let pg = Server::start(redis, Some(&database.url), cli.server_worker_threads)
-                    .await?;
+                let pg =
+                    Server::start(redis, Some(&database.url), cli.server_worker_threads).await?;
                 // PostgreSQL's own CPU is not counted: it runs as many processes.
                 for stock in [cli.requests, 100] {
                     let m = CpuMeter::start(&target.processes(Some(&pg)))?;
