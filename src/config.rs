@@ -57,8 +57,10 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct RedisConfig {
-    /// Redis to keep locks in. `redis://`, `rediss://`, `redis-cluster://` and
-    /// `redis-sentinel://` URLs are understood (fred's URL syntax).
+    /// Redis to keep locks in: `redis://`, `redis-cluster://`, `redis-sentinel://`, or
+    /// `redis+unix:///path/to/redis.sock` for a Redis on the same host (fred's URL syntax).
+    /// TLS URLs (`rediss://`...) are refused: this build has no TLS, and would connect in
+    /// plain text.
     #[arg(
         long,
         env = "LATCHKEY_REDIS_URL",
@@ -228,6 +230,19 @@ impl Config {
             !self.redis.redis_timeout.is_zero(),
             "--redis-timeout must be above zero"
         );
+        // fred, built without a TLS feature, takes a TLS URL, logs a warning and connects in
+        // plain text: a setting that silently does not do what it says.
+        let scheme = self
+            .redis
+            .redis_url
+            .split_once("://")
+            .map_or("", |(s, _)| s);
+        anyhow::ensure!(
+            !(scheme.starts_with("rediss") || scheme.starts_with("valkeys")),
+            "--redis-url {scheme}://... asks for TLS, which this build of latchkey does not \
+             have (it would connect in plain text): use redis:// on a network you trust, or \
+             reach a TLS Redis through a local TLS tunnel"
+        );
         let st = &self.stock;
         anyhow::ensure!(
             st.max_product_id_len + 6 <= l.max_name_len,
@@ -257,4 +272,41 @@ impl Config {
 
 fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_redis_url(url: &str) -> anyhow::Result<()> {
+        Config::for_redis("127.0.0.1:0".parse().expect("an address"), url).validate()
+    }
+
+    #[test]
+    fn a_tls_redis_url_is_refused_rather_than_used_in_plain_text() {
+        for url in [
+            "rediss://10.0.0.5:6380",
+            "rediss-cluster://10.0.0.5:6380",
+            "rediss-sentinel://10.0.0.5:26379/mymaster",
+            "valkeys://10.0.0.5:6380",
+        ] {
+            let error = with_redis_url(url).expect_err(url).to_string();
+            assert!(
+                error.contains("--redis-url") && error.contains("TLS"),
+                "{url}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_cluster_sentinel_and_unix_socket_redis_urls_are_accepted() {
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis-cluster://10.0.0.5:7000",
+            "redis-sentinel://10.0.0.5:26379/mymaster",
+            "redis+unix:///run/redis/redis.sock",
+        ] {
+            with_redis_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
 }

@@ -447,3 +447,34 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
         status.message()
     );
 }
+
+#[test]
+fn latchkey_refuses_to_start_with_a_tls_redis_url_instead_of_connecting_in_plain_text() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .arg("serve")
+        .env("LATCHKEY_LISTEN", "127.0.0.1:0")
+        .env("LATCHKEY_REDIS_URL", "rediss://127.0.0.1:6380")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run latchkey");
+    // A latchkey that took the URL would serve until stopped: give it 30 s to refuse.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("latchkey's status").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("latchkey started with a rediss:// URL");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("latchkey's output");
+    // The error is logged (to stdout, with every other log line).
+    let logged = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "latchkey exited 0: {logged}");
+    assert!(
+        logged.contains("--redis-url rediss://") && logged.contains("TLS"),
+        "{logged}"
+    );
+}

@@ -105,6 +105,49 @@ async fn a_release_wakes_a_waiter_within_milliseconds_although_the_lease_is_30s(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_work_with_redis_over_a_unix_socket_and_a_release_wakes_the_waiter() {
+    let redis = RedisServer::start_with_unix_socket();
+    let mut config = test_config(&redis);
+    config.redis.redis_url = redis.unix_url();
+    let server = Latchkey::start_with(config).await;
+    let mut holder = server.locks().await;
+    let mut waiter = server.locks().await;
+    let held = holder
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+
+    // The waiter is woken by the unlock message (pub/sub over the socket too), long before
+    // the 30 s lease would free the lock.
+    let waiting = tokio::spawn(async move {
+        let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
+        (answer, Instant::now())
+    });
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
+    let released_at = Instant::now();
+    holder
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
+    let (answer, answered_at) = waiting.await.unwrap();
+    assert!(answer.unwrap().into_inner().acquired);
+    assert!(answered_at - released_at < secs(10));
+
+    // And the lock really is in that Redis: the TCP side of the same server sees it.
+    let client = redis.client().await;
+    let owner: Option<String> = client
+        .hget(format!("latchkey:{{{NAME}}}:lock"), "owner")
+        .await
+        .unwrap();
+    assert!(owner.is_some(), "the lock hash is in this Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_unlock_message_was_lost_gets_the_lock_when_the_holders_lease_ends() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;

@@ -48,10 +48,21 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Redis' working directory (it writes nothing there with persistence off).
     dir: PathBuf,
+    /// Also listening on a Unix socket (in `dir`), for `unix_url`.
+    unix_socket: bool,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_listening(false)
+    }
+
+    /// A redis-server that also listens on a Unix socket (see `unix_url`).
+    pub fn start_with_unix_socket() -> Self {
+        Self::start_listening(true)
+    }
+
+    fn start_listening(unix_socket: bool) -> Self {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("latchkey-redis-{}-{port}", std::process::id()));
@@ -60,9 +71,14 @@ impl RedisServer {
             port,
             child: None,
             dir,
+            unix_socket,
         };
         server.spawn();
         server
+    }
+
+    fn socket_path(&self) -> PathBuf {
+        self.dir.join("redis.sock")
     }
 
     fn spawn(&mut self) {
@@ -71,6 +87,11 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(if self.unix_socket {
+                vec!["--unixsocket".into(), self.socket_path().into_os_string()]
+            } else {
+                Vec::new()
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -100,6 +121,12 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The Unix-socket URL of a server started with `start_with_unix_socket`.
+    pub fn unix_url(&self) -> String {
+        assert!(self.unix_socket, "this redis-server listens on TCP only");
+        format!("redis+unix://{}", self.socket_path().display())
     }
 
     pub fn pid(&self) -> u32 {
