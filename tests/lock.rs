@@ -12,6 +12,38 @@ use tonic::{Code, Request};
 
 const NAME: &str = "orders/42";
 
+/// Takes NAME on `server`, lets a second caller wait for it, releases it, and returns how long
+/// after the release the waiter had the lock (it must get it; the lease is 30 s, so only an
+/// unlock message gets it there sooner).
+async fn release_to_a_waiter(server: &Latchkey) -> Duration {
+    let mut holder = server.locks().await;
+    let mut waiter = server.locks().await;
+    let held = holder
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+    let waiting = tokio::spawn(async move {
+        let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
+        (answer, Instant::now())
+    });
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
+    tokio::time::sleep(ms(100)).await; // the waiter is asleep now
+
+    let released_at = Instant::now();
+    holder
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: held.token,
+        })
+        .await
+        .unwrap();
+    let (answer, answered_at) = waiting.await.unwrap();
+    assert!(answer.unwrap().into_inner().acquired);
+    answered_at - released_at
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_goes_to_one_caller_and_is_free_again_after_release() {
     let redis = RedisServer::start();
@@ -70,38 +102,12 @@ async fn a_lock_goes_to_one_caller_and_is_free_again_after_release() {
 async fn a_release_wakes_a_waiter_within_milliseconds_although_the_lease_is_30s() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
-    let mut holder = server.locks().await;
-    let mut waiter = server.locks().await;
-    let held = holder
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-
-    let waiting = tokio::spawn(async move {
-        let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
-        (answer, Instant::now())
-    });
-    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
-    tokio::time::sleep(ms(100)).await; // the waiter is asleep now
-
-    let released_at = Instant::now();
-    holder
-        .release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
-    let (answer, answered_at) = waiting.await.unwrap();
-    let answer = answer.unwrap().into_inner();
-    assert!(answer.acquired);
-    let woken_after = answered_at - released_at;
+    let woken_after = release_to_a_waiter(&server).await;
     assert!(
         woken_after < secs(1),
         "woken {woken_after:?} after the release"
     );
-    assert_eq!(inspect(&holder, NAME).await.waiters, 0);
+    assert_eq!(inspect(&server.locks().await, NAME).await.waiters, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,33 +116,8 @@ async fn locks_work_with_redis_over_a_unix_socket_and_a_release_wakes_the_waiter
     let mut config = test_config(&redis);
     config.redis.redis_url = redis.unix_url();
     let server = Latchkey::start_with(config).await;
-    let mut holder = server.locks().await;
-    let mut waiter = server.locks().await;
-    let held = holder
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(held.acquired);
-
-    // The waiter is woken by the unlock message (pub/sub over the socket too), long before
-    // the 30 s lease would free the lock.
-    let waiting = tokio::spawn(async move {
-        let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
-        (answer, Instant::now())
-    });
-    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
-    let released_at = Instant::now();
-    holder
-        .release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
-    let (answer, answered_at) = waiting.await.unwrap();
-    assert!(answer.unwrap().into_inner().acquired);
-    assert!(answered_at - released_at < secs(10));
+    // Woken by the unlock message (pub/sub over the socket too), not by the lease's end.
+    assert!(release_to_a_waiter(&server).await < secs(10));
 
     // And the lock really is in that Redis: the TCP side of the same server sees it.
     let client = redis.client().await;
@@ -652,29 +633,7 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
     redis.restart();
     server.wait_serving().await;
     // Redis lost the old hold; the lock works again, including wake-ups by unlock messages.
-    let mut waiter = server.locks().await;
-    let held = holder
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(held.acquired);
-    let waiting = tokio::spawn(async move {
-        let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
-        (answer, Instant::now())
-    });
-    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
-    let released_at = Instant::now();
-    holder
-        .release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
-    let (answer, answered_at) = waiting.await.unwrap();
-    assert!(answer.unwrap().get_ref().acquired);
-    assert!(answered_at - released_at < secs(1));
+    assert!(release_to_a_waiter(&server).await < secs(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
