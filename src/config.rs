@@ -303,10 +303,14 @@ mod tests {
         for url in [
             "redis://127.0.0.1:6379",
             "redis-cluster://10.0.0.5:7000",
-            "redis-sentinel://10.0.0.5:26379/mymaster",
+            "redis-sentinel://10.0.0.5:26379?sentinelServiceName=mymaster",
             "redis+unix:///run/redis/redis.sock",
         ] {
             with_redis_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            // And the Redis client takes it (unix sockets need fred's unix-sockets feature).
+            let config = Config::for_redis("127.0.0.1:0".parse().expect("an address"), url);
+            crate::lock::store::fred_builder(&config.redis)
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
         }
     }
 }
