@@ -428,6 +428,58 @@ fn the_bench_starts_its_own_latchkey_with_the_worker_count_asked_for() {
         stdout.contains("loopback, latchkey with a Tokio worker per core"),
         "{stdout}"
     );
+    assert!(
+        redis_url_setting(&server_env).starts_with("LATCHKEY_REDIS_URL=redis://127.0.0.1:"),
+        "{server_env:?}"
+    );
+}
+
+/// The LATCHKEY_REDIS_URL entry of an environment ("" if none).
+fn redis_url_setting(env: &[String]) -> &str {
+    env.iter()
+        .map(String::as_str)
+        .find(|v| v.starts_with("LATCHKEY_REDIS_URL="))
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_bench_can_have_its_latchkey_reach_redis_over_a_unix_socket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench.json");
+    let (out, server_env) = bench_reading_its_server_env(
+        &[
+            "uncontended",
+            "--duration",
+            "500ms",
+            "--redis-unix-socket",
+            "--json",
+            json.to_str().expect("utf-8 temp path"),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let url = redis_url_setting(&server_env);
+    assert!(
+        url.starts_with("LATCHKEY_REDIS_URL=redis+unix:///") && url.ends_with("/redis.sock"),
+        "{server_env:?}"
+    );
+    let said = "loopback, latchkey with a Tokio worker per core, Redis over a Unix socket";
+    assert!(
+        stdout.lines().next().unwrap_or_default().contains(said),
+        "{stdout}"
+    );
+    // Every lock of the run went through that socket and every check held.
+    let rows = rows(&json);
+    let target_row = rows
+        .iter()
+        .find(|(s, v, _)| s == "uncontended" && v == "gRPC, 64 clients / 64 names");
+    let (_, _, row) = target_row.unwrap_or_else(|| panic!("no target row in {rows:?}"));
+    assert!(row["ops"].as_u64().unwrap_or(0) > 0, "{row}");
+    for (scenario, variant, row) in &rows {
+        assert_eq!(row["check_passed"], true, "{scenario} / {variant}: {row}");
+    }
 }
 
 #[test]

@@ -72,6 +72,44 @@ struct Cli {
     /// without it, latchkey's default of one per core. The table's first line says which.
     #[arg(long, conflicts_with = "addr")]
     server_worker_threads: Option<NonZeroUsize>,
+    /// The Redis the bench starts also listens on a Unix socket, and the latchkey it starts
+    /// reaches Redis there (`redis+unix://`) instead of over loopback TCP. The baselines keep
+    /// TCP. The table's first line says which.
+    #[arg(long, conflicts_with = "addr")]
+    redis_unix_socket: bool,
+}
+
+impl Cli {
+    /// How the bench starts its own latchkey.
+    fn server_options(&self) -> ServerOptions {
+        ServerOptions {
+            workers: self.server_worker_threads,
+            redis_unix_socket: self.redis_unix_socket,
+        }
+    }
+}
+
+/// How the bench starts its own latchkey (`--server-worker-threads`, `--redis-unix-socket`).
+#[derive(Debug, Clone, Copy)]
+struct ServerOptions {
+    workers: Option<NonZeroUsize>,
+    redis_unix_socket: bool,
+}
+
+impl ServerOptions {
+    /// For the table's first line and the JSON's `server`.
+    fn describe(&self) -> String {
+        let workers = match self.workers {
+            None => "a Tokio worker per core".to_owned(),
+            Some(n) => format!("{n} Tokio worker(s) (TOKIO_WORKER_THREADS={n})"),
+        };
+        let redis = if self.redis_unix_socket {
+            ", Redis over a Unix socket"
+        } else {
+            ""
+        };
+        format!("loopback, latchkey with {workers}{redis}")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,7 +142,7 @@ impl Server {
     async fn start(
         redis: &RedisServer,
         database_url: Option<&str>,
-        workers: Option<NonZeroUsize>,
+        options: ServerOptions,
     ) -> anyhow::Result<Self> {
         let port = free_port();
         let binary = std::env::current_exe()?.with_file_name("latchkey");
@@ -129,14 +167,21 @@ impl Server {
         command
             .arg("serve")
             .env("LATCHKEY_LISTEN", format!("127.0.0.1:{port}"))
-            .env("LATCHKEY_REDIS_URL", redis.url())
+            .env(
+                "LATCHKEY_REDIS_URL",
+                if options.redis_unix_socket {
+                    redis.unix_url()
+                } else {
+                    redis.url()
+                },
+            )
             .env("LATCHKEY_DATABASE_URL", url)
             .env("LATCHKEY_DATABASE_POOL_SIZE", "16")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
         // Only what --server-worker-threads says, never a TOKIO_WORKER_THREADS the bench
         // itself happened to be started with, so the table's first line is true.
-        match workers {
+        match options.workers {
             Some(n) => command.env("TOKIO_WORKER_THREADS", n.to_string()),
             None => command.env_remove("TOKIO_WORKER_THREADS"),
         };
@@ -322,8 +367,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let wants = |s: Scenario| cli.scenarios.contains(&Scenario::All) || explicitly(s);
     let target = match &cli.addr {
         None => {
-            let redis = RedisServer::start();
-            let server = Server::start(&redis, None, cli.server_worker_threads).await?;
+            let redis = if cli.redis_unix_socket {
+                RedisServer::start_with_unix_socket()
+            } else {
+                RedisServer::start()
+            };
+            let server = Server::start(&redis, None, cli.server_options()).await?;
             Target::Own { redis, server }
         }
         Some(addr) => {
@@ -342,12 +391,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     let addr = target.addr();
-    let server = match (&target, cli.server_worker_threads) {
-        (Target::Own { .. }, None) => "loopback, latchkey with a Tokio worker per core".to_owned(),
-        (Target::Own { .. }, Some(n)) => {
-            format!("loopback, latchkey with {n} Tokio worker(s) (TOKIO_WORKER_THREADS={n})")
-        }
-        (Target::Running { addr, .. }, _) => format!("against the running latchkey at {addr}"),
+    let server = match &target {
+        Target::Own { .. } => cli.server_options().describe(),
+        Target::Running { addr, .. } => format!("against the running latchkey at {addr}"),
     };
     println!(
         "latchkey-bench on {}, {} build, {server}",
@@ -450,8 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Target::Own { redis, .. }, Some(admin)) => {
                 // Declared first, so dropped last: after the latchkey that uses it stopped.
                 let database = PgDatabase::create(admin).await?;
-                let pg =
-                    Server::start(redis, Some(&database.url), cli.server_worker_threads).await?;
+                let pg = Server::start(redis, Some(&database.url), cli.server_options()).await?;
                 // PostgreSQL's own CPU is not counted: it runs as many processes.
                 for stock in [cli.requests, 100] {
                     let m = CpuMeter::start(&target.processes(Some(&pg)))?;
