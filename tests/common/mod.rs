@@ -2,8 +2,10 @@
 //! kill, freeze and restart), and latchkey itself on port 0, in process or as a child process.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+mod postgres;
 mod redis;
 
+pub use postgres::PgDatabase;
 pub use redis::{RedisServer, free_port};
 
 use std::{
@@ -30,7 +32,7 @@ pub struct TestDb {
     pub kind: DbKind,
     pub url: String,
     _dir: Option<tempfile::TempDir>,
-    postgres: Option<(String, String)>,
+    _postgres: Option<PgDatabase>,
 }
 
 impl TestDb {
@@ -43,7 +45,7 @@ impl TestDb {
                     kind,
                     url,
                     _dir: Some(dir),
-                    postgres: None,
+                    _postgres: None,
                 }
             }
             DbKind::Postgres => {
@@ -51,23 +53,14 @@ impl TestDb {
                     "LATCHKEY_TEST_DATABASE_URL is unset: run the suite with deploy/test.sh, which starts a \
                      private PostgreSQL, or point it at a server where tests may create databases",
                 );
-                let name = format!("latchkey_test_{}", uuid::Uuid::new_v4().simple());
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+                let db = PgDatabase::create(&admin, "latchkey_test")
                     .await
-                    .expect("connect to the test PostgreSQL");
-                sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-                    .await
-                    .expect("create a test database");
-                let base = admin
-                    .rsplit_once('/')
-                    .map(|(base, _)| base)
-                    .unwrap_or(&admin);
-                let url = format!("{base}/{name}");
+                    .expect("create a test database on the test PostgreSQL");
                 Self {
                     kind,
-                    url,
+                    url: db.url.clone(),
                     _dir: None,
-                    postgres: Some((admin, name)),
+                    _postgres: Some(db),
                 }
             }
         }
@@ -81,29 +74,6 @@ impl TestDb {
             .connect(&self.url)
             .await
             .expect("connect to the test database")
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let Some((admin, name)) = self.postgres.take() else {
-            return;
-        };
-        // Drop may run inside the test's runtime: use a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-                    .await
-                    .ok()?;
-                let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                sqlx::Executor::execute(&mut conn, drop.as_str()).await.ok()
-            })
-        })
-        .join();
     }
 }
 

@@ -19,6 +19,9 @@ mod machine;
 #[allow(dead_code)]
 #[path = "../../../tests/common/redis.rs"]
 mod redis;
+// The database `--postgres-url` runs use, dropped when the run ends (shared with the tests).
+#[path = "../../../tests/common/postgres.rs"]
+mod postgres;
 mod report;
 mod scenarios;
 
@@ -31,6 +34,7 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use cpu::CpuMeter;
+use postgres::PgDatabase;
 use redis::{RedisServer, free_port};
 use report::Row;
 
@@ -214,65 +218,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A fresh database the bench created on the user's PostgreSQL server (`--postgres-url`),
-/// dropped when this value is, however the run ends.
-struct PgDatabase {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl PgDatabase {
-    async fn create(admin_url: &str) -> anyhow::Result<Self> {
-        use sqlx::{Connection, Executor};
-        let name = format!("latchkey_bench_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await?;
-        let base = admin_url
-            .rsplit_once('/')
-            .map_or(admin_url, |(base, _)| base);
-        Ok(Self {
-            admin_url: admin_url.to_owned(),
-            url: format!("{base}/{name}"),
-            name,
-        })
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop runs inside the bench's runtime, which cannot block on a future: a thread with
-        // a runtime of its own does. FORCE ends the connections of a latchkey still running.
-        let dropped = std::thread::spawn(move || -> anyhow::Result<()> {
-            use sqlx::{Connection, Executor};
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let drop = async {
-                    let mut conn = sqlx::PgConnection::connect(&admin_url).await?;
-                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    conn.execute(sql.as_str()).await?;
-                    anyhow::Ok(())
-                };
-                tokio::time::timeout(Duration::from_secs(10), drop)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            let why = match dropped {
-                Ok(Err(error)) => format!("{error:#}"),
-                _ => "the dropping thread panicked".into(),
-            };
-            eprintln!("could not drop the bench's database {}: {why}", self.name);
-        }
     }
 }
 
@@ -495,7 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         match (&target, &cli.postgres_url) {
             (Target::Own { redis, .. }, Some(admin)) => {
                 // Declared first, so dropped last: after the latchkey that uses it stopped.
-                let database = PgDatabase::create(admin).await?;
+                let database = PgDatabase::create(admin, "latchkey_bench").await?;
                 let pg = Server::start(redis, Some(&database.url), cli.server_options()).await?;
                 // PostgreSQL's own CPU is not counted: it runs as many processes.
                 for stock in [cli.requests, 100] {
