@@ -358,11 +358,10 @@ fn bench_reading_its_server_env(args: &[&str], env: &[(&str, &str)]) -> (Output,
     (bench.finish(Duration::from_secs(120)), server_env)
 }
 
-/// The TOKIO_WORKER_THREADS entries of an environment.
-fn workers_setting(env: &[String]) -> Vec<&str> {
+/// The values of variable `name` in an environment (`NAME=value` entries).
+fn setting<'a>(env: &'a [String], name: &str) -> Vec<&'a str> {
     env.iter()
-        .map(String::as_str)
-        .filter(|v| v.starts_with("TOKIO_WORKER_THREADS="))
+        .filter_map(|v| v.strip_prefix(name)?.strip_prefix('='))
         .collect()
 }
 
@@ -389,7 +388,7 @@ fn the_bench_starts_its_own_latchkey_with_the_worker_count_asked_for() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
-    assert_eq!(workers_setting(&server_env), ["TOKIO_WORKER_THREADS=1"]);
+    assert_eq!(setting(&server_env, "TOKIO_WORKER_THREADS"), ["1"]);
     let said = "loopback, latchkey with 1 Tokio worker(s) (TOKIO_WORKER_THREADS=1)";
     assert!(
         stdout.lines().next().unwrap_or_default().contains(said),
@@ -423,23 +422,19 @@ fn the_bench_starts_its_own_latchkey_with_the_worker_count_asked_for() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed:\n{stdout}");
-    assert_eq!(workers_setting(&server_env), Vec::<&str>::new());
+    assert_eq!(
+        setting(&server_env, "TOKIO_WORKER_THREADS"),
+        Vec::<&str>::new()
+    );
     assert!(
         stdout.contains("loopback, latchkey with a Tokio worker per core"),
         "{stdout}"
     );
     assert!(
-        redis_url_setting(&server_env).starts_with("LATCHKEY_REDIS_URL=redis://127.0.0.1:"),
+        matches!(setting(&server_env, "LATCHKEY_REDIS_URL")[..],
+            [url] if url.starts_with("redis://127.0.0.1:")),
         "{server_env:?}"
     );
-}
-
-/// The LATCHKEY_REDIS_URL entry of an environment ("" if none).
-fn redis_url_setting(env: &[String]) -> &str {
-    env.iter()
-        .map(String::as_str)
-        .find(|v| v.starts_with("LATCHKEY_REDIS_URL="))
-        .unwrap_or_default()
 }
 
 #[test]
@@ -460,9 +455,9 @@ fn the_bench_can_have_its_latchkey_reach_redis_over_a_unix_socket() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
-    let url = redis_url_setting(&server_env);
     assert!(
-        url.starts_with("LATCHKEY_REDIS_URL=redis+unix:///") && url.ends_with("/redis.sock"),
+        matches!(setting(&server_env, "LATCHKEY_REDIS_URL")[..],
+            [url] if url.starts_with("redis+unix:///") && url.ends_with("/redis.sock")),
         "{server_env:?}"
     );
     let said = "loopback, latchkey with a Tokio worker per core, Redis over a Unix socket";
