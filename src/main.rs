@@ -35,16 +35,8 @@ async fn serve(config: latchkey::config::Config) -> anyhow::Result<()> {
 
 /// Resolves on the first SIGTERM or SIGINT.
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers; stop latchkey with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    if let Err(error) = server::termination_signal().await {
+        error!(%error, "cannot install signal handlers; stop latchkey with SIGKILL");
+        std::future::pending::<()>().await;
     }
 }

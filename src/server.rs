@@ -35,6 +35,18 @@ const LOCKS: &str = "latchkey.v1.LockService";
 const STOCK: &str = "latchkey.v1.StockService";
 const SERVICES: [&str; 3] = [WHOLE, LOCKS, STOCK];
 
+/// Resolves with the signal's name on the first SIGTERM or SIGINT: what stops a server (see
+/// `main.rs`) or a benchmark run. Fails at once if the handlers cannot be installed.
+pub async fn termination_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
 /// Serves latchkey on `listener` until `shutdown` resolves.
 pub async fn run(
     config: Config,

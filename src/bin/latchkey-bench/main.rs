@@ -293,17 +293,14 @@ async fn main() -> anyhow::Result<()> {
 /// Resolves with the signal's name on the first SIGTERM or SIGINT (never, if the handlers
 /// cannot be installed: the default action then stops the bench, as before).
 async fn termination() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("cannot install signal handlers: a stopped bench may leave its servers running");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    match latchkey::server::termination_signal().await {
+        Ok(signal) => signal,
+        Err(error) => {
+            eprintln!(
+                "cannot install signal handlers ({error}): a stopped bench may leave its servers running"
+            );
+            std::future::pending().await
+        }
     }
 }
 
