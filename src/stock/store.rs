@@ -77,6 +77,10 @@ impl StockStore {
                             "PRAGMA journal_mode = WAL".into(),
                             format!("PRAGMA busy_timeout = {timeout_ms}"),
                             "PRAGMA foreign_keys = ON".into(),
+                            // A multi-row INSERT inside a transaction keeps a statement journal
+                            // (to undo just that statement if a row fails): in memory, not in a
+                            // temporary file created, written and unlinked for every batch.
+                            "PRAGMA temp_store = MEMORY".into(),
                         ],
                         Backend::Postgres => vec![
                             format!("SET statement_timeout = {timeout_ms}"),
