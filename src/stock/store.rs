@@ -96,8 +96,9 @@ impl StockStore {
                             // temporary file created, written and unlinked for every batch.
                             "PRAGMA temp_store = MEMORY".into(),
                             // The WAL is checkpointed in the background (`checkpoint_wal`); a
-                            // commit checkpoints it itself only if the WAL grew past this
-                            // (40 MB of 4 KiB pages: the background task is failing).
+                            // commit checkpoints it itself only once it grew past this many
+                            // pages (about 40 MB), which lets the WAL start over under sustained
+                            // load and bounds it should the background task fail.
                             format!(
                                 "PRAGMA wal_autocheckpoint = {WAL_PAGES_BEFORE_COMMITS_CHECKPOINT}"
                             ),
@@ -189,11 +190,15 @@ impl StockStore {
 ///
 /// SQLite would otherwise do it in whichever commit took the WAL past 1,000 pages: with group
 /// commit writing about a hundred pages per batch, every eighth batch's commit also wrote a
-/// thousand pages to the database file and synced it, while holding its product locks (a
-/// third of the average commit time on a VM disk). A PASSIVE checkpoint never waits for, nor
+/// thousand pages to the database file and synced it, while holding its product locks (about
+/// 30% of the average commit time on a VM disk). A PASSIVE checkpoint never waits for, nor
 /// blocks, the writer; durability is unchanged (each commit still syncs the WAL). Failures are
-/// logged and retried; should this task fall behind, commits checkpoint again themselves once
-/// the WAL passes `WAL_PAGES_BEFORE_COMMITS_CHECKPOINT` pages.
+/// logged and retried.
+///
+/// SQLite starts the WAL over only when a writer finds every frame copied, which under
+/// sustained load, with commits landing during each background pass, rarely happens: the WAL
+/// then grows to `WAL_PAGES_BEFORE_COMMITS_CHECKPOINT` pages, where a commit checkpoints the few
+/// frames this task has not copied yet and the WAL starts over.
 async fn checkpoint_wal(url: String, every: Duration) {
     let mut conn: Option<AnyConnection> = None;
     let mut failing = false;
