@@ -204,14 +204,15 @@ async fn checkpoint_wal(url: String, every: Duration) {
     let mut failing = false;
     loop {
         tokio::time::sleep(every).await;
+        // A connection that failed is dropped here, and the next pass opens a new one.
         let result = async {
-            if conn.is_none() {
-                conn = Some(AnyConnection::connect(&url).await?);
-            }
-            match conn.as_mut() {
-                Some(c) => c.execute("PRAGMA wal_checkpoint(PASSIVE)").await.map(drop),
-                None => Ok(()),
-            }
+            let mut c = match conn.take() {
+                Some(c) => c,
+                None => AnyConnection::connect(&url).await?,
+            };
+            c.execute("PRAGMA wal_checkpoint(PASSIVE)").await?;
+            conn = Some(c);
+            Ok::<(), sqlx::Error>(())
         }
         .await;
         match result {
@@ -225,7 +226,6 @@ async fn checkpoint_wal(url: String, every: Duration) {
                     warn!(%error, "cannot checkpoint the SQLite WAL; retrying");
                     failing = true;
                 }
-                conn = None;
             }
         }
     }
