@@ -485,18 +485,18 @@ mod tests {
 
     /// A product's stock as the database file alone has it: a copy of the file opened without
     /// its WAL. None while the copy is not readable (caught mid-checkpoint) or lacks the row.
-    async fn stock_in_file_alone(db: &Path, product: &str) -> Option<i64> {
+    async fn stock_in_file_alone(db: &Path, product: &ProductId) -> Option<Units> {
         let copy = db.with_extension("copy");
         std::fs::copy(db, &copy).ok()?;
-        let mut conn = AnyConnection::connect(&format!("sqlite://{}", copy.display()))
+        let pool = AnyPool::connect(&format!("sqlite://{}", copy.display()))
             .await
             .ok()?;
-        let stock = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
-            .bind(product)
-            .fetch_optional(&mut conn)
-            .await;
-        let _ = conn.close().await;
-        stock.ok().flatten()
+        let stock = match pool.begin().await {
+            Ok(mut tx) => stock_in(&mut tx, product).await.ok().flatten(),
+            Err(_) => None,
+        };
+        pool.close().await;
+        stock
     }
 
     #[tokio::test]
@@ -523,7 +523,7 @@ mod tests {
         // The commit is in the WAL at once (synced); it reaches the file itself only when the
         // WAL is checkpointed, which with one small transaction SQLite alone never does.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while stock_in_file_alone(&path, "checkpointed").await != Some(7) {
+        while stock_in_file_alone(&path, &product).await != Some(Units::from_stored(7)) {
             assert!(
                 Instant::now() < deadline,
                 "the commit did not reach the database file in 10 s: the WAL is not checkpointed"
