@@ -124,6 +124,7 @@ async fn the_bench_loads_a_running_latchkey_and_every_check_holds() {
             "{scenario} / {variant}: waited {waited:?}"
         );
         assert_busy_share(row);
+        assert_round_trips(row);
     }
     let sold = |variant: &str| {
         let (_, _, row) = rows.iter().find(|(_, v, _)| v == variant).expect("row");
@@ -183,6 +184,20 @@ fn assert_busy_share(row: &Value) {
             && shares.len() == 2
             && shares.iter().all(|s| (0.0..=100.0).contains(s)),
         "cores busy: {busy:?} in {row}"
+    );
+}
+
+/// A load row's "loopback round trip us before / after" reads "N / M": the probes that
+/// bracket it, each a positive mean.
+fn assert_round_trips(row: &Value) {
+    let probes = detail(row, "loopback round trip us before / after").unwrap_or_default();
+    let means: Vec<u64> = probes
+        .split(" / ")
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        means.len() == 2 && means.iter().all(|&us| us >= 1),
+        "round trips: {probes:?} in {row}"
     );
 }
 
@@ -415,6 +430,7 @@ fn the_bench_starts_its_own_latchkey_with_the_worker_count_asked_for() {
         );
     }
     assert_busy_share(plain);
+    assert_round_trips(plain);
 
     let (out, server_env) = bench_reading_its_server_env(
         &["uncontended", "--duration", "200ms"],

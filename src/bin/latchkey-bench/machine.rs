@@ -13,13 +13,61 @@ use std::{
 
 use crate::report::{Row, histogram, record};
 
+/// How long the probe around each load row runs.
+const PROBE: Duration = Duration::from_millis(200);
+
 /// Ping-pongs one byte between two threads over loopback TCP for `duration`.
 pub async fn loopback_round_trip(when: &str, duration: Duration) -> anyhow::Result<Row> {
     let when = when.to_owned();
-    tokio::task::spawn_blocking(move || ping_pong(&when, duration)).await?
+    tokio::task::spawn_blocking(move || {
+        let bounced = ping_pong(duration)?;
+        let mean_us = bounced.mean_us();
+        Ok(Row::new(
+            "machine",
+            &format!("loopback TCP round trip, 2 threads ({when})"),
+        )
+        .throughput(bounced.ops, bounced.elapsed, "round trips/s")
+        .latency(&bounced.hist)
+        .detail("mean us", format!("{mean_us:.0}"))
+        .detail(
+            "hot-lock ceiling (2 round trips per hand-off, no work)",
+            format!("{:.0} hand-offs/s", 1e6 / (2.0 * mean_us)),
+        )
+        .check(
+            bounced.wrong == 0,
+            format!("every byte came back ({} wrong)", bounced.wrong),
+        ))
+    })
+    .await?
 }
 
-fn ping_pong(when: &str, duration: Duration) -> anyhow::Result<Row> {
+/// The mean loopback round trip over a short probe, in microseconds: what a load row's
+/// details give for right before and right after it. A byte that came back wrong fails it.
+pub async fn round_trip_us() -> anyhow::Result<f64> {
+    let bounced = tokio::task::spawn_blocking(|| ping_pong(PROBE)).await??;
+    anyhow::ensure!(
+        bounced.wrong == 0,
+        "the round-trip probe got {} wrong bytes back",
+        bounced.wrong
+    );
+    Ok(bounced.mean_us())
+}
+
+/// What one ping-pong measured.
+struct Bounced {
+    ops: u64,
+    wrong: u64,
+    elapsed: Duration,
+    hist: hdrhistogram::Histogram<u64>,
+}
+
+impl Bounced {
+    fn mean_us(&self) -> f64 {
+        self.hist.mean().max(1.0)
+    }
+}
+
+fn ping_pong(duration: Duration) -> anyhow::Result<Bounced> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let mut ping = TcpStream::connect(listener.local_addr()?)?;
     let (mut pong, _) = listener.accept()?;
@@ -52,18 +100,10 @@ fn ping_pong(when: &str, duration: Duration) -> anyhow::Result<Row> {
     drop(ping);
     echo.join()
         .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??;
-
-    let mean_us = hist.mean().max(1.0);
-    Ok(Row::new(
-        "machine",
-        &format!("loopback TCP round trip, 2 threads ({when})"),
-    )
-    .throughput(ops, elapsed, "round trips/s")
-    .latency(&hist)
-    .detail("mean us", format!("{mean_us:.0}"))
-    .detail(
-        "hot-lock ceiling (2 round trips per hand-off, no work)",
-        format!("{:.0} hand-offs/s", 1e6 / (2.0 * mean_us)),
-    )
-    .check(wrong == 0, format!("every byte came back ({wrong} wrong)")))
+    Ok(Bounced {
+        ops,
+        wrong,
+        elapsed,
+        hist,
+    })
 }

@@ -116,6 +116,34 @@ impl ServerOptions {
     }
 }
 
+/// What every load row is measured with: each process's CPU and wake-ups (see `cpu`), and
+/// the machine's loopback round trip right before and right after the row (see `machine`).
+struct RowMeter {
+    cpu: CpuMeter,
+    round_trip_before_us: f64,
+}
+
+impl RowMeter {
+    /// The probe runs before the CPU reading starts, so its own CPU and switches are not
+    /// counted as the row's.
+    async fn start(processes: Vec<(&'static str, u32)>) -> anyhow::Result<Self> {
+        let round_trip_before_us = machine::round_trip_us().await?;
+        Ok(Self {
+            cpu: CpuMeter::start(&processes)?,
+            round_trip_before_us,
+        })
+    }
+
+    async fn finish(self, row: Row) -> anyhow::Result<Row> {
+        let row = self.cpu.finish(row)?;
+        let after_us = machine::round_trip_us().await?;
+        Ok(row.detail(
+            "loopback round trip us before / after",
+            format!("{:.0} / {:.0}", self.round_trip_before_us, after_us),
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     All,
@@ -356,40 +384,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     };
 
-    // Every row says what each process spent per operation (see `cpu`).
-    let meter = || CpuMeter::start(&target.processes(None));
+    // Every row says what each process spent per operation (see `cpu`), and how fast the
+    // machine woke a thread right before and after it (see `machine`).
+    let meter = || RowMeter::start(target.processes(None));
     let mut rows: Vec<Row> = Vec::new();
     let calibration = cli.duration.min(Duration::from_secs(3));
     rows.push(machine::loopback_round_trip("before", calibration).await?);
     if wants(Scenario::Uncontended) {
-        let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended(addr, &run, cli.duration, 64).await?)?);
+        let m = meter().await?;
+        rows.push(
+            m.finish(scenarios::uncontended(addr, &run, cli.duration, 64).await?)
+                .await?,
+        );
         // Callers in one process usually share one channel: what that saves.
-        let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended(addr, &run, cli.duration, 1).await?)?);
-        let m = meter()?;
-        rows.push(m.finish(scenarios::uncontended_grpc_only(addr, cli.duration).await?)?);
+        let m = meter().await?;
+        rows.push(
+            m.finish(scenarios::uncontended(addr, &run, cli.duration, 1).await?)
+                .await?,
+        );
+        let m = meter().await?;
+        rows.push(
+            m.finish(scenarios::uncontended_grpc_only(addr, cli.duration).await?)
+                .await?,
+        );
         if let Some(url) = &redis_url {
-            let m = meter()?;
-            rows.push(m.finish(scenarios::uncontended_floor(url, &run, cli.duration).await?)?);
+            let m = meter().await?;
+            rows.push(
+                m.finish(scenarios::uncontended_floor(url, &run, cli.duration).await?)
+                    .await?,
+            );
         } else {
             no_redis("the no-gRPC baseline");
         }
     }
     if wants(Scenario::HotLock) {
         let clients = cli.hot_lock_clients;
-        let m = meter()?;
+        let m = meter().await?;
         let (plain, plain_p99) =
             scenarios::hot_lock(addr, &run, cli.duration, clients, false).await?;
-        let plain = m.finish(plain)?;
-        let m = meter()?;
+        let plain = m.finish(plain).await?;
+        let m = meter().await?;
         let (fair, fair_p99) = scenarios::hot_lock(addr, &run, cli.duration, clients, true).await?;
-        let fair = m.finish(fair)?;
+        let fair = m.finish(fair).await?;
         let polling = match &redis_url {
             Some(url) => {
-                let m = meter()?;
+                let m = meter().await?;
                 let (row, p99) = scenarios::hot_lock_polling(url, &run, cli.duration).await?;
-                Some((m.finish(row)?, p99))
+                Some((m.finish(row).await?, p99))
             }
             None => {
                 no_redis("the polling baseline");
@@ -430,9 +471,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Target::Running { .. } => "the server's database",
         };
         for stock in [cli.requests, 100] {
-            let m = meter()?;
+            let m = meter().await?;
             let row = scenarios::reduce_stock(addr, database, stock, cli.requests, &run).await?;
-            rows.push(m.finish(row)?);
+            rows.push(m.finish(row).await?);
         }
         match (&target, &cli.postgres_url) {
             (Target::Own { redis, .. }, Some(admin)) => {
@@ -441,11 +482,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let pg = Server::start(redis, Some(&database.url), cli.server_options()).await?;
                 // PostgreSQL's own CPU is not counted: it runs as many processes.
                 for stock in [cli.requests, 100] {
-                    let m = CpuMeter::start(&target.processes(Some(&pg)))?;
+                    let m = RowMeter::start(target.processes(Some(&pg))).await?;
                     let row =
                         scenarios::reduce_stock(&pg.addr, "PostgreSQL", stock, cli.requests, &run)
                             .await?;
-                    rows.push(m.finish(row)?);
+                    rows.push(m.finish(row).await?);
                 }
             }
             (Target::Own { .. }, None) => {
