@@ -191,10 +191,7 @@ fn assert_busy_share(row: &Value) {
 /// bracket it, each a positive mean.
 fn assert_round_trips(row: &Value) {
     let probes = detail(row, "loopback round trip us before / after").unwrap_or_default();
-    let means: Vec<u64> = probes
-        .split(" / ")
-        .filter_map(|n| n.parse().ok())
-        .collect();
+    let means: Vec<u64> = probes.split(" / ").filter_map(|n| n.parse().ok()).collect();
     assert!(
         means.len() == 2 && means.iter().all(|&us| us >= 1),
         "round trips: {probes:?} in {row}"
