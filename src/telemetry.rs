@@ -23,14 +23,16 @@ pub const REDIS_UP: &str = "latchkey_redis_up";
 /// Gauge, 1 while the stock database answers the health check, 0 otherwise.
 pub const DATABASE_UP: &str = "latchkey_database_up";
 
-/// Installs the log subscriber. `RUST_LOG` sets the level (default `info`).
+/// Installs the log subscriber: lines to stderr (so a fatal start-up error lands where a shell
+/// or a supervisor looks for one), `RUST_LOG` sets the level (default `info`).
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Err only when a subscriber is already installed (tests starting several servers).
     // Colours only for a person at a terminal, not for journald or log files.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(filter)
         .with_ansi(ansi)
         .try_init();

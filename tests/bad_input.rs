@@ -470,11 +470,12 @@ fn latchkey_refuses_to_start_with_a_tls_redis_url_instead_of_connecting_in_plain
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().expect("latchkey's output");
-    // The error is logged (to stdout, with every other log line).
-    let logged = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "latchkey exited 0: {logged}");
+    // The error is logged to stderr, with every other log line; stdout stays empty.
+    let logged = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "latchkey's exit: {logged}");
     assert!(
         logged.contains("--redis-url rediss://") && logged.contains("TLS"),
         "{logged}"
     );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "stdout");
 }
