@@ -265,8 +265,9 @@ fn machine() -> String {
 
 /// Where the load goes.
 enum Target {
-    /// A private redis-server and latchkey this run started, stopped when dropped.
-    Own { redis: RedisServer, server: Server },
+    /// A private redis-server and latchkey this run started, stopped when dropped: latchkey
+    /// first (fields drop in order), so it never sees its Redis go away and logs about it.
+    Own { server: Server, redis: RedisServer },
     /// A latchkey that was already running, and optionally the Redis it uses.
     Running {
         addr: String,
