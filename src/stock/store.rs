@@ -10,14 +10,16 @@
 //!   always write it (no SQLITE_BUSY_SNAPSHOT upgrade failures);
 //! - SQLite commits sync the WAL (durable once acknowledged); the WAL is copied into the
 //!   database file by a background task (`checkpoint_wal`), not inside a commit that holds
-//!   product locks.
+//!   product locks, and the `-wal` file is truncated once the store has been idle a second.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, path::PathBuf, str::FromStr, time::Duration};
 
 use sqlx::{
     Any, AnyConnection, AnyPool, Connection, Executor, Row, Transaction,
     any::{AnyPoolOptions, install_default_drivers},
+    sqlite::SqliteConnectOptions,
 };
+use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
@@ -56,6 +58,13 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// Past this many WAL pages a committing transaction checkpoints the WAL itself (SQLite's
 /// default is 1,000; see `checkpoint_wal`).
 const WAL_PAGES_BEFORE_COMMITS_CHECKPOINT: u32 = 10_000;
+
+/// A WAL file larger than this (SQLite's default checkpoint size: 1,000 pages of 4 KiB) is
+/// truncated once the store is idle (see `checkpoint_wal`).
+const WAL_BYTES_KEPT: u64 = 4 << 20;
+
+/// How long no commit may have reached the WAL before its file is truncated.
+const WAL_IDLE_BEFORE_TRUNCATE: Duration = Duration::from_secs(1);
 
 impl StockStore {
     /// Connects, applies the embedded migrations, and returns the store.
@@ -186,7 +195,8 @@ impl StockStore {
     }
 }
 
-/// Copies the SQLite WAL into the database file every `every`, on a connection of its own.
+/// Copies the SQLite WAL into the database file every `every`, on a connection of its own, and
+/// gives the WAL's disk space back once the store has gone quiet.
 ///
 /// SQLite would otherwise do it in whichever commit took the WAL past 1,000 pages: with group
 /// commit writing about a hundred pages per batch, every eighth batch's commit also wrote a
@@ -198,19 +208,50 @@ impl StockStore {
 /// SQLite starts the WAL over only when a writer finds every frame copied, which under
 /// sustained load, with commits landing during each background pass, rarely happens: the WAL
 /// then grows to `WAL_PAGES_BEFORE_COMMITS_CHECKPOINT` pages, where a commit checkpoints the few
-/// frames this task has not copied yet and the WAL starts over.
+/// frames this task has not copied yet and the WAL starts over. SQLite reuses the file from its
+/// start and never shrinks it, so once nothing was written for `WAL_IDLE_BEFORE_TRUNCATE`,
+/// every frame is copied and the file is larger than `WAL_BYTES_KEPT`, this task truncates it
+/// (a TRUNCATE checkpoint; it never waits: a writer or reader in the way makes it a PASSIVE
+/// one, and the next idle pass tries again).
 async fn checkpoint_wal(url: String, every: Duration) {
+    let wal = wal_file(&url);
     let mut conn: Option<AnyConnection> = None;
     let mut failing = false;
+    let mut frames_before = None;
+    let mut unwritten_since = Instant::now();
     loop {
         tokio::time::sleep(every).await;
         // A connection that failed is dropped here, and the next pass opens a new one.
         let result = async {
             let mut c = match conn.take() {
                 Some(c) => c,
-                None => AnyConnection::connect(&url).await?,
+                None => {
+                    let mut c = AnyConnection::connect(&url).await?;
+                    // Never wait for the lock a committing batch holds (see above).
+                    c.execute("PRAGMA busy_timeout = 0").await?;
+                    c
+                }
             };
-            c.execute("PRAGMA wal_checkpoint(PASSIVE)").await?;
+            let (busy, frames, copied): (i64, i64, i64) =
+                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                    .fetch_one(&mut c)
+                    .await?;
+            // The WAL's frame count changes with every commit, a WAL started over included.
+            if frames_before != Some(frames) {
+                frames_before = Some(frames);
+                unwritten_since = Instant::now();
+            }
+            let oversized = wal
+                .as_deref()
+                .and_then(|wal| std::fs::metadata(wal).ok())
+                .is_some_and(|file| file.len() > WAL_BYTES_KEPT);
+            if busy == 0
+                && frames == copied
+                && oversized
+                && unwritten_since.elapsed() >= WAL_IDLE_BEFORE_TRUNCATE
+            {
+                c.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+            }
             conn = Some(c);
             Ok::<(), sqlx::Error>(())
         }
@@ -229,6 +270,18 @@ async fn checkpoint_wal(url: String, every: Duration) {
             }
         }
     }
+}
+
+/// The `-wal` file beside the SQLite database `url` names; None for an in-memory database.
+fn wal_file(url: &str) -> Option<PathBuf> {
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let db = options.get_filename();
+    if db.as_os_str().is_empty() || db.as_os_str() == ":memory:" {
+        return None;
+    }
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    Some(PathBuf::from(wal))
 }
 
 /// The order `id` as stored, read inside `tx`.
@@ -534,6 +587,67 @@ mod tests {
         assert_eq!(
             store.stock(&product).await.expect("read"),
             Some(Units::from_stored(7))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_sqlite_wal_is_truncated_once_the_store_goes_quiet() {
+        install_default_drivers();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("stock.db");
+        let wal = dir.path().join("stock.db-wal");
+        let mut config = crate::config::Config::for_redis(
+            "127.0.0.1:0".parse().expect("an address"),
+            "redis://127.0.0.1:1",
+        )
+        .stock;
+        config.database_url = format!("sqlite://{}", path.display());
+        let store = StockStore::connect(&config)
+            .await
+            .expect("open the database");
+
+        // One burst: 50,000 products with long ids in one transaction, some 12 MB of pages,
+        // all of them written to the WAL by its commit.
+        let mut tx = store.begin().await.expect("begin");
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50000) \
+             INSERT INTO products (id, stock) SELECT printf('burst-%06d-%.100c', i, 'x'), 1 FROM n",
+        )
+        .execute(&mut *tx)
+        .await
+        .expect("insert the burst");
+        tx.commit().await.expect("commit");
+        let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+        let after_burst = wal_len();
+        assert!(
+            after_burst > WAL_BYTES_KEPT,
+            "the burst left a WAL of {after_burst} bytes, not more than {WAL_BYTES_KEPT}"
+        );
+
+        // Nothing more is written: the background task copies the WAL and then truncates it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while wal_len() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the idle store's WAL is still {} bytes after 20 s (it was {after_burst})",
+                wal_len()
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+        // Every product of the burst is still there, and the store still writes.
+        let mut tx = store.begin().await.expect("begin");
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM products")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("count the products");
+        assert_eq!(count, 50_000);
+        let product = ProductId::from_stored("after-the-truncation".into());
+        let written = set_stock(&mut tx, &product, Units::from_stored(3), 1).await;
+        assert!(written.expect("set the stock"));
+        tx.commit().await.expect("commit");
+        assert_eq!(
+            store.stock(&product).await.expect("read"),
+            Some(Units::from_stored(3))
         );
     }
 }
