@@ -260,7 +260,31 @@ fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}")
+    match guest_halt_polling() {
+        Some(polling) => format!("{cores} cores, {cpu}, {polling}"),
+        None => format!("{cores} cores, {cpu}"),
+    }
+}
+
+/// On a KVM guest idling with the haltpoll driver: how long an idle core polls before it
+/// halts. Waking a halted core goes through the hypervisor: on the VM measured, polling made a
+/// wake-up five times cheaper and raised hot-lock throughput by 30 to 65% (see the README), so
+/// the table says which way the machine was set. None on other machines.
+fn guest_halt_polling() -> Option<String> {
+    let driver = std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver").ok()?;
+    if driver.trim() != "haltpoll" {
+        return None;
+    }
+    let ns: u64 = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(if ns == 0 {
+        "guest halt polling off".to_owned()
+    } else {
+        format!("guest halt polling up to {} us", ns / 1_000)
+    })
 }
 
 /// Where the load goes.
