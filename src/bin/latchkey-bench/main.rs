@@ -268,8 +268,8 @@ fn machine() -> String {
 
 /// On a KVM guest idling with the haltpoll driver: how long an idle core polls before it
 /// halts. Waking a halted core goes through the hypervisor: on the VM measured, polling made a
-/// wake-up five times cheaper and raised hot-lock throughput by 30 to 65% (see the README), so
-/// the table says which way the machine was set. None on other machines.
+/// wake-up five times cheaper (see the README), so the table says which way the machine was
+/// set. None on other machines.
 fn guest_halt_polling() -> Option<String> {
     let driver = std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver").ok()?;
     if driver.trim() != "haltpoll" {
