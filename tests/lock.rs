@@ -441,6 +441,73 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
     );
 }
 
+/// How many SCRIPT LOAD calls Redis has served since it started (Redis 7 counts the
+/// subcommand on its own line, Redis 6 every SCRIPT call on one).
+async fn script_loads(redis: &Client) -> u64 {
+    let stats: String = redis
+        .custom(fred::cmd!("INFO"), vec!["commandstats"])
+        .await
+        .expect("INFO commandstats");
+    stats
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("cmdstat_script|load:calls=")
+                .or_else(|| line.strip_prefix("cmdstat_script:calls="))
+        })
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a call count"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_gets_the_scripts_back_before_any_call_needs_them() {
+    // src/lock/*.lua, the prelude aside.
+    const SCRIPTS: u64 = 9;
+    let mut redis = RedisServer::start();
+    let config = test_config(&redis);
+    let connections = u64::from(config.redis.redis_pool_size);
+    let server = Latchkey::start_with(config).await;
+
+    redis.restart(); // kill -9, then an empty Redis: no keys, no scripts
+    server.wait_serving().await;
+    let admin = redis.client().await;
+    // Nobody calls latchkey, yet every pooled connection loads the scripts on reconnecting.
+    wait_until(secs(10), || async {
+        script_loads(&admin).await >= SCRIPTS * connections
+    })
+    .await;
+
+    // So the first calls after the restart never meet NOSCRIPT.
+    let mut c = server.locks().await;
+    let grant = c
+        .acquire(acquire(NAME, secs(30), Duration::ZERO))
+        .await
+        .expect("acquire after the restart")
+        .into_inner();
+    assert!(grant.acquired);
+    c.extend(pb::ExtendRequest {
+        name: NAME.into(),
+        token: grant.token.clone(),
+        lease: dur(secs(20)),
+    })
+    .await
+    .expect("extend after the restart");
+    inspect(&c, NAME).await;
+    c.release(pb::ReleaseRequest {
+        name: NAME.into(),
+        token: grant.token,
+    })
+    .await
+    .expect("release after the restart");
+    let errors: String = admin
+        .custom(fred::cmd!("INFO"), vec!["errorstats"])
+        .await
+        .expect("INFO errorstats");
+    assert!(
+        !errors.contains("NOSCRIPT"),
+        "a call after the restart met a missing script: {errors}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
     let redis = RedisServer::start();

@@ -1,24 +1,29 @@
 //! The Redis side of the lock engine: key layout, the Lua scripts, and one typed call per script.
 //!
-//! Every call is one EVALSHA (reloaded on NOSCRIPT), so each operation on a lock is atomic in
+//! Every call is one EVALSHA (each connection loads the scripts whenever it connects; a call
+//! that still meets NOSCRIPT loads its script itself), so each operation on a lock is atomic in
 //! Redis. All keys and the channel of one lock share the hash tag `{name}`, so a lock lives in
 //! one Redis Cluster slot. All commands for one lock go over the same pooled connection, so
 //! Redis runs them in the order latchkey sent them.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
     time::Duration,
 };
 
 use fred::{
     clients::{Client, Pool},
-    interfaces::ClientLike,
+    interfaces::{ClientLike, EventInterface},
     types::{
         Builder, FromValue,
         config::{Config as FredConfig, ReconnectPolicy},
         scripts::Script,
     },
 };
+
+use tokio_util::task::AbortOnDropHandle;
+use tracing::debug;
 
 use super::request::{Lease, LockName, Token};
 use crate::config::{LockConfig, RedisConfig};
@@ -162,6 +167,9 @@ pub struct LockStore {
     fair_acquire: Script,
     fair_refresh: Script,
     fair_leave: Script,
+    /// One task per pooled connection loading every script each time it (re)connects, stopped
+    /// with the store.
+    _reloads: Vec<AbortOnDropHandle<Result<(), fred::error::Error>>>,
 }
 
 /// The fred config shared by the command pool and the subscriber: reconnect forever with
@@ -188,11 +196,15 @@ pub fn fred_builder(config: &RedisConfig) -> Result<Builder, fred::error::Error>
 
 impl LockStore {
     /// Builds the pool and starts connecting in the background; returns at once even if Redis
-    /// is unreachable.
+    /// is unreachable. Must be called inside a Tokio runtime.
+    ///
+    /// Every connection loads all the scripts whenever it connects, so a Redis that restarted or
+    /// failed over (and lost its script cache) has them again before callers need them, instead
+    /// of every caller in flight hitting NOSCRIPT and loading them itself. A call that still
+    /// finds a script missing (it raced the reload) loads it as before.
     pub fn connect(redis: &RedisConfig, locks: &LockConfig) -> Result<Self, fred::error::Error> {
         let pool = fred_builder(redis)?.build_pool(usize::from(redis.redis_pool_size))?;
-        pool.connect_pool();
-        Ok(Self {
+        let mut store = Self {
             pool,
             prefix: locks.key_prefix.clone(),
             linger_ms: u64::try_from(locks.linger.as_millis()).unwrap_or(u64::MAX),
@@ -205,7 +217,50 @@ impl LockStore {
             fair_acquire: lock_script!("fair_acquire.lua"),
             fair_refresh: lock_script!("fair_refresh.lua"),
             fair_leave: lock_script!("fair_leave.lua"),
-        })
+            _reloads: Vec::new(),
+        };
+        let scripts = Arc::new(store.scripts());
+        // Registered before connecting, so the first connection's event is not missed.
+        store._reloads = store
+            .pool
+            .clients()
+            .iter()
+            .map(|client| {
+                let (client, scripts) = (client.clone(), scripts.clone());
+                let events = client.clone();
+                AbortOnDropHandle::new(events.on_reconnect(move |_server| {
+                    let (client, scripts) = (client.clone(), scripts.clone());
+                    async move {
+                        for script in scripts.iter() {
+                            if let Err(error) = script.load(&client).await {
+                                debug!(%error, "could not load the lock scripts after connecting; calls load them on NOSCRIPT");
+                                break;
+                            }
+                        }
+                        Ok(())
+                    }
+                }))
+            })
+            .collect();
+        store.pool.connect_pool();
+        Ok(store)
+    }
+
+    fn scripts(&self) -> Vec<Script> {
+        [
+            &self.acquire,
+            &self.release,
+            &self.handed,
+            &self.extend,
+            &self.inspect,
+            &self.force_release,
+            &self.fair_acquire,
+            &self.fair_refresh,
+            &self.fair_leave,
+        ]
+        .into_iter()
+        .cloned()
+        .collect()
     }
 
     pub fn keys(&self, name: &LockName) -> LockKeys {
