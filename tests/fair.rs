@@ -34,15 +34,7 @@ async fn release(client: &mut LockServiceClient<Channel>, name: &str, token: Str
 
 /// How many EVALSHA calls Redis has served (every latchkey script call is one).
 async fn script_calls(redis: &Client) -> u64 {
-    let info: String = redis
-        .info(Some(fred::types::InfoKind::CommandStats))
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    command_calls(redis, "evalsha").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -253,19 +253,6 @@ async fn local_hand_offs_never_pass_over_a_waiter_of_another_replica() {
     }
 }
 
-/// How many EVALSHA calls Redis has run so far.
-async fn scripts_run(admin: &fred::prelude::Client) -> u64 {
-    let stats: String = admin
-        .custom(fred::cmd!("INFO"), vec!["commandstats"])
-        .await
-        .expect("INFO commandstats");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().expect("a call count"))
-}
-
 /// Redis is paused (CLIENT PAUSE) past the release's Redis timeout: the holder hears
 /// UNAVAILABLE, but its release script runs once the pause ends and hands the lock to the
 /// waiting client. That client must get the lock then, not at the end of the 60 s lease it
@@ -297,14 +284,14 @@ async fn a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(fair:
     // after); the pause must not catch either, or the waiter itself hears UNAVAILABLE. Redis
     // counts the scripts it ran.
     let admin = redis.client().await;
-    let scripts_before = scripts_run(&admin).await;
+    let scripts_before = command_calls(&admin, "evalsha").await;
     let mut waiter = server.locks().await;
     let waiting = tokio::spawn(async move {
         let grant = waiter.acquire(request(name, secs(20), fair)).await;
         (waiter, grant)
     });
     wait_until(secs(10), || async {
-        scripts_run(&admin).await >= scripts_before + 2
+        command_calls(&admin, "evalsha").await >= scripts_before + 2
     })
     .await;
 

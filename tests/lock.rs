@@ -444,18 +444,9 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
 /// How many SCRIPT LOAD calls Redis has served since it started (Redis 7 counts the
 /// subcommand on its own line, Redis 6 every SCRIPT call on one).
 async fn script_loads(redis: &Client) -> u64 {
-    let stats: String = redis
-        .custom(fred::cmd!("INFO"), vec!["commandstats"])
+    command_calls(redis, "script|load")
         .await
-        .expect("INFO commandstats");
-    stats
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("cmdstat_script|load:calls=")
-                .or_else(|| line.strip_prefix("cmdstat_script:calls="))
-        })
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().expect("a call count"))
+        .max(command_calls(redis, "script").await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,6 +200,22 @@ impl Drop for Latchkey {
     }
 }
 
+/// How many times Redis has run `command` since it started (INFO commandstats: `evalsha`,
+/// `script|load`, ...); 0 when it never has.
+pub async fn command_calls(redis: &fred::prelude::Client, command: &str) -> u64 {
+    use fred::prelude::ClientLike;
+    let stats: String = redis
+        .custom(fred::cmd!("INFO"), vec!["commandstats"])
+        .await
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a call count"))
+}
+
 /// Polls `check` every 20 ms until it holds; panics after `limit`. For test assertions about
 /// eventual state only: latchkey itself never polls.
 pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
