@@ -226,10 +226,9 @@ impl LockStore {
             .clients()
             .iter()
             .map(|client| {
-                let (client, scripts) = (client.clone(), scripts.clone());
-                let events = client.clone();
-                AbortOnDropHandle::new(events.on_reconnect(move |_server| {
-                    let (client, scripts) = (client.clone(), scripts.clone());
+                let (loader, scripts) = (client.clone(), scripts.clone());
+                AbortOnDropHandle::new(client.on_reconnect(move |_server| {
+                    let (client, scripts) = (loader.clone(), scripts.clone());
                     async move {
                         for script in scripts.iter() {
                             if let Err(error) = script.load(&client).await {

@@ -241,14 +241,16 @@ async fn checkpoint_wal(url: String, every: Duration) {
                 frames_before = Some(frames);
                 unwritten_since = Instant::now();
             }
-            let oversized = wal
-                .as_deref()
-                .and_then(|wal| std::fs::metadata(wal).ok())
-                .is_some_and(|file| file.len() > WAL_BYTES_KEPT);
+            // The file's size is looked up only once the WAL is idle and copied.
+            let oversized = || {
+                wal.as_deref()
+                    .and_then(|wal| std::fs::metadata(wal).ok())
+                    .is_some_and(|file| file.len() > WAL_BYTES_KEPT)
+            };
             if busy == 0
                 && frames == copied
-                && oversized
                 && unwritten_since.elapsed() >= WAL_IDLE_BEFORE_TRUNCATE
+                && oversized()
             {
                 c.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
             }
@@ -552,20 +554,25 @@ mod tests {
         stock
     }
 
-    #[tokio::test]
-    async fn sqlite_commits_reach_the_database_file_in_the_background_not_only_its_wal() {
+    /// A store on a new SQLite file at `db`, with the default stock settings.
+    async fn sqlite_store(db: &Path) -> StockStore {
         install_default_drivers();
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("stock.db");
         let mut config = crate::config::Config::for_redis(
             "127.0.0.1:0".parse().expect("an address"),
             "redis://127.0.0.1:1",
         )
         .stock;
-        config.database_url = format!("sqlite://{}", path.display());
-        let store = StockStore::connect(&config)
+        config.database_url = format!("sqlite://{}", db.display());
+        StockStore::connect(&config)
             .await
-            .expect("open the database");
+            .expect("open the database")
+    }
+
+    #[tokio::test]
+    async fn sqlite_commits_reach_the_database_file_in_the_background_not_only_its_wal() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("stock.db");
+        let store = sqlite_store(&path).await;
 
         let mut tx = store.begin().await.expect("begin");
         let product = ProductId::from_stored("checkpointed".into());
@@ -592,19 +599,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_sqlite_wal_is_truncated_once_the_store_goes_quiet() {
-        install_default_drivers();
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("stock.db");
         let wal = dir.path().join("stock.db-wal");
-        let mut config = crate::config::Config::for_redis(
-            "127.0.0.1:0".parse().expect("an address"),
-            "redis://127.0.0.1:1",
-        )
-        .stock;
-        config.database_url = format!("sqlite://{}", path.display());
-        let store = StockStore::connect(&config)
-            .await
-            .expect("open the database");
+        let store = sqlite_store(&dir.path().join("stock.db")).await;
 
         // One burst: 50,000 products with long ids in one transaction, some 12 MB of pages,
         // all of them written to the WAL by its commit.
