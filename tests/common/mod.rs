@@ -263,10 +263,13 @@ pub fn secs(n: u64) -> Duration {
 }
 
 /// The real `latchkey serve` binary as a child process, for crashes (`kill -9`) and signals.
+/// Its log (warnings and errors) goes to a file, shown in the test's output only if the test
+/// fails, so the warnings a fault test provokes on purpose do not fill every run's output.
 pub struct LatchkeyProcess {
     pub addr: SocketAddr,
     child: Option<Child>,
-    _db: tempfile::TempDir,
+    /// Its SQLite database and its log.
+    dir: tempfile::TempDir,
 }
 
 impl LatchkeyProcess {
@@ -278,6 +281,7 @@ impl LatchkeyProcess {
     pub async fn start_with_env(redis: &RedisServer, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let db = tempfile::tempdir().expect("temp dir for sqlite");
+        let log = std::fs::File::create(db.path().join(LOG)).expect("create the latchkey log");
         let child = Command::new(env!("CARGO_BIN_EXE_latchkey"))
             .arg("serve")
             .env(
@@ -290,12 +294,13 @@ impl LatchkeyProcess {
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn the latchkey binary");
         let process = Self {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: Some(child),
-            _db: db,
+            dir: db,
         };
         wait_until(Duration::from_secs(15), || async {
             let Ok(channel) = Channel::from_shared(format!("http://{}", process.addr))
@@ -366,8 +371,18 @@ impl LatchkeyProcess {
 impl Drop for LatchkeyProcess {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join(LOG)).unwrap_or_default();
+            eprintln!(
+                "--- log of the latchkey process at {} ---\n{log}",
+                self.addr
+            );
+        }
     }
 }
+
+/// The file in a `LatchkeyProcess`'s temp dir that its stderr goes to.
+const LOG: &str = "latchkey.log";
 
 /// `kill -SIG pid`, e.g. signal(pid, "STOP").
 pub fn signal(pid: u32, sig: &str) {
