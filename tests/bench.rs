@@ -557,3 +557,38 @@ async fn the_bench_drops_the_postgresql_database_it_created() {
     // ...and left none behind.
     assert_eq!(bench_databases().await, Vec::<String>::new());
 }
+
+#[test]
+fn an_unreachable_postgresql_fails_the_run_before_any_row() {
+    // Nothing listens on this port. Four uncontended rows of ten minutes would come first if
+    // the bench only found out when it reached the PostgreSQL rows.
+    let url = format!(
+        "postgres://postgres:secret@127.0.0.1:{}/postgres",
+        free_port()
+    );
+    let mut bench = BenchProcess::spawn(
+        &[
+            "uncontended",
+            "reduce-stock",
+            "--duration",
+            "10m",
+            "--postgres-url",
+            &url,
+        ],
+        &[],
+    );
+    let out = bench.finish(Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("cannot create a database on the PostgreSQL server at postgres@127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret"),
+        "the password was printed: {stderr}"
+    );
+    // It stopped before starting its servers, which come before the table's first line.
+    assert!(!stdout.contains("latchkey-bench on"), "{stdout}");
+}

@@ -343,6 +343,19 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The server a PostgreSQL URL names, without its password: `user@host:port`.
+fn postgres_server(url: &str) -> String {
+    match url.parse::<sqlx::postgres::PgConnectOptions>() {
+        Ok(options) => format!(
+            "{}@{}:{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port()
+        ),
+        Err(_) => "a URL it cannot read".to_owned(),
+    }
+}
+
 /// Resolves with the signal's name on the first SIGTERM or SIGINT (never, if the handlers
 /// cannot be installed: the default action then stops the bench, as before).
 async fn termination() -> &'static str {
@@ -360,6 +373,22 @@ async fn termination() -> &'static str {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let explicitly = |s: Scenario| cli.scenarios.contains(&s);
     let wants = |s: Scenario| cli.scenarios.contains(&Scenario::All) || explicitly(s);
+    // The database of the PostgreSQL rows is made before anything runs, so a --postgres-url
+    // that cannot be reached fails the run at once, not after every row before those. Declared
+    // before the servers, so dropped after them: after the latchkey that uses it stopped.
+    let pg_database = match (&cli.addr, &cli.postgres_url) {
+        (None, Some(admin)) if wants(Scenario::ReduceStock) => Some(
+            PgDatabase::create(admin, "latchkey_bench")
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot create a database on the PostgreSQL server at {} (--postgres-url): {e}",
+                        postgres_server(admin)
+                    )
+                })?,
+        ),
+        _ => None,
+    };
     let target = match &cli.addr {
         None => {
             let redis = if cli.redis_unix_socket {
@@ -500,10 +529,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let row = scenarios::reduce_stock(addr, database, stock, cli.requests, &run).await?;
             rows.push(m.finish(row).await?);
         }
-        match (&target, &cli.postgres_url) {
-            (Target::Own { redis, .. }, Some(admin)) => {
-                // Declared first, so dropped last: after the latchkey that uses it stopped.
-                let database = PgDatabase::create(admin, "latchkey_bench").await?;
+        match (&target, &pg_database) {
+            (Target::Own { redis, .. }, Some(database)) => {
                 let pg = Server::start(redis, Some(&database.url), cli.server_options()).await?;
                 // PostgreSQL's own CPU is not counted: it runs as many processes.
                 for stock in [cli.requests, 100] {
@@ -517,10 +544,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (Target::Own { .. }, None) => {
                 eprintln!("reduce-stock on PostgreSQL skipped: no --postgres-url");
             }
-            (Target::Running { .. }, Some(_)) => {
-                eprintln!("--postgres-url ignored: the running latchkey uses its own database");
+            (Target::Running { .. }, _) => {
+                if cli.postgres_url.is_some() {
+                    eprintln!("--postgres-url ignored: the running latchkey uses its own database");
+                }
             }
-            (Target::Running { .. }, None) => {}
         }
     }
     if wants(Scenario::Memory) {
