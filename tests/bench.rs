@@ -592,3 +592,37 @@ fn an_unreachable_postgresql_fails_the_run_before_any_row() {
     // It stopped before starting its servers, which come before the table's first line.
     assert!(!stdout.contains("latchkey-bench on"), "{stdout}");
 }
+
+#[tokio::test]
+async fn an_unreachable_redis_url_fails_a_run_against_a_running_latchkey_before_any_row() {
+    let redis = RedisServer::start();
+    let server = LatchkeyProcess::start(&redis).await;
+    let addr = server.addr.to_string();
+    // Nothing listens there; the baselines that use it would come after ten minutes of rows.
+    let wrong = format!("redis://:secret@127.0.0.1:{}", free_port());
+    let mut bench = BenchProcess::spawn(
+        &[
+            "uncontended",
+            "--addr",
+            &addr,
+            "--redis-url",
+            &wrong,
+            "--duration",
+            "10m",
+        ],
+        &[],
+    );
+    let out = bench.finish(Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("cannot reach the Redis --redis-url names"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret"),
+        "the password was printed: {stderr}"
+    );
+    assert!(!stdout.contains("latchkey-bench on"), "{stdout}");
+}

@@ -408,6 +408,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn::Conn::connect(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot reach latchkey: {e:#}"))?;
+            // The baselines need this Redis only after the rows before them: find out now.
+            if let Some(url) = &cli.redis_url {
+                let probe = scenarios::redis_client(url).await.map_err(|e| {
+                    anyhow::anyhow!("cannot reach the Redis --redis-url names: {e:#}")
+                })?;
+                let _ = fred::interfaces::ClientLike::quit(&probe).await;
+            }
             Target::Running {
                 addr: addr.clone(),
                 redis_url: cli.redis_url.clone(),
