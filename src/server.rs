@@ -22,7 +22,10 @@ use crate::{
         store::{LockStore, fred_builder},
         waiters::Waiters,
     },
-    stock::{StockEngine, store::StockStore},
+    stock::{
+        StockEngine,
+        store::{StockStore, database_label},
+    },
     telemetry,
 };
 
@@ -59,9 +62,10 @@ pub async fn run(
     let store = LockStore::connect(&config.redis, &config.locks)?;
     let waiters = Waiters::start(fred_builder(&config.redis)?.build_subscriber_client()?);
     let engine = LockEngine::start(store, waiters, stop.clone(), &config.locks);
-    let stock_store = StockStore::connect(&config.stock)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open the stock database: {e}"))?;
+    let stock_store = StockStore::connect(&config.stock).await.map_err(|e| {
+        let database = database_label(&config.stock.database_url);
+        anyhow::anyhow!("cannot open the stock database {database}: {e}")
+    })?;
     info!(backend = ?stock_store.backend(), "stock database ready");
     let stock = Arc::new(StockEngine::new(
         engine.clone(),

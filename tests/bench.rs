@@ -582,7 +582,9 @@ fn an_unreachable_postgresql_fails_the_run_before_any_row() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stderr.contains("cannot create a database on the PostgreSQL server at postgres@127.0.0.1:"),
+        stderr.contains(
+            "cannot create a database on the PostgreSQL server postgres://postgres@127.0.0.1:"
+        ),
         "{stderr}"
     );
     assert!(

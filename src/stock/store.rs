@@ -66,6 +66,20 @@ const WAL_BYTES_KEPT: u64 = 4 << 20;
 /// How long no commit may have reached the WAL before its file is truncated.
 const WAL_IDLE_BEFORE_TRUNCATE: Duration = Duration::from_secs(1);
 
+/// The database `url` names, fit for a log line or an error: the URL without its password.
+pub fn database_label(url: &str) -> String {
+    match url::Url::parse(url) {
+        // A URL with a host: its password, if any, is where the URL standard puts it.
+        Ok(mut parsed) if !parsed.cannot_be_a_base() => {
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        // Anything else may hide one anywhere: shown only when it has no user part at all.
+        _ if !url.contains('@') => url.to_owned(),
+        _ => "a URL that cannot be read".to_owned(),
+    }
+}
+
 impl StockStore {
     /// Connects, applies the embedded migrations, and returns the store.
     pub async fn connect(config: &StockConfig) -> Result<Self, DbError> {
@@ -85,7 +99,8 @@ impl StockStore {
             (Backend::Postgres, url.to_owned(), config.database_pool_size)
         } else {
             return Err(DbError::Other(format!(
-                "LATCHKEY_DATABASE_URL must start with sqlite: or postgres:, not {url:?}"
+                "LATCHKEY_DATABASE_URL must start with sqlite: or postgres:, not {:?}",
+                database_label(url)
             )));
         };
         let timeout_ms = config.database_timeout.as_millis().to_string();
@@ -124,7 +139,23 @@ impl StockStore {
                 })
             })
             .connect(&url)
-            .await?;
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            // The pool says only that it gave up; one connection of our own says why.
+            Err(sqlx::Error::PoolTimedOut) => {
+                let timeout = config.database_timeout;
+                let why = match tokio::time::timeout(timeout, AnyConnection::connect(&url)).await {
+                    Ok(Err(error)) => error.to_string(),
+                    Ok(Ok(_)) | Err(_) => "connecting took longer than that".to_owned(),
+                };
+                return Err(DbError::Unavailable(format!(
+                    "no connection within {} (database_timeout): {why}",
+                    humantime::format_duration(timeout)
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        };
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
@@ -566,6 +597,30 @@ mod tests {
         StockStore::connect(&config)
             .await
             .expect("open the database")
+    }
+
+    #[test]
+    fn a_database_label_keeps_everything_but_the_password() {
+        for (url, label) in [
+            (
+                "postgres://latchkey:s3cret@db.internal:5433/stock?sslmode=require",
+                "postgres://latchkey@db.internal:5433/stock?sslmode=require",
+            ),
+            (
+                "postgres://latchkey@db/stock",
+                "postgres://latchkey@db/stock",
+            ),
+            ("sqlite://latchkey.db", "sqlite://latchkey.db"),
+            (
+                "sqlite:///var/lib/latchkey/stock.db",
+                "sqlite:///var/lib/latchkey/stock.db",
+            ),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("not a url", "not a url"),
+            ("user:s3cret@host", "a URL that cannot be read"),
+        ] {
+            assert_eq!(database_label(url), label, "{url}");
+        }
     }
 
     #[tokio::test]

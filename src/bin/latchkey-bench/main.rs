@@ -343,19 +343,6 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The server a PostgreSQL URL names, without its password: `user@host:port`.
-fn postgres_server(url: &str) -> String {
-    match url.parse::<sqlx::postgres::PgConnectOptions>() {
-        Ok(options) => format!(
-            "{}@{}:{}",
-            options.get_username(),
-            options.get_host(),
-            options.get_port()
-        ),
-        Err(_) => "a URL it cannot read".to_owned(),
-    }
-}
-
 /// Resolves with the signal's name on the first SIGTERM or SIGINT (never, if the handlers
 /// cannot be installed: the default action then stops the bench, as before).
 async fn termination() -> &'static str {
@@ -382,8 +369,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| {
                     anyhow::anyhow!(
-                        "cannot create a database on the PostgreSQL server at {} (--postgres-url): {e}",
-                        postgres_server(admin)
+                        "cannot create a database on the PostgreSQL server {} (--postgres-url): {e}",
+                        latchkey::stock::store::database_label(admin)
                     )
                 })?,
         ),
