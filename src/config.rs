@@ -2,7 +2,8 @@
 //! for limits, what it bounds. `README.md` has the same table for operators.
 //!
 //! Flags win over environment variables, which win over defaults (clap's `env` feature).
-//! Durations are written the humantime way: `500ms`, `30s`, `5m`.
+//! Durations are written the humantime way: `500ms`, `30s`, `5m`. A URL setting reaches a log
+//! line or an error only through `redacted_url`, without its password.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -274,12 +275,55 @@ fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// A Redis or database URL fit for a log line or an error: the URL without its password.
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        // A URL with a host: its password, if any, is where the URL standard puts it.
+        Ok(mut parsed) if !parsed.cannot_be_a_base() => {
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        // Anything else may hide one anywhere: shown only when it has no user part at all.
+        _ if !url.contains('@') => url.to_owned(),
+        _ => "a URL that cannot be read".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn with_redis_url(url: &str) -> anyhow::Result<()> {
         Config::for_redis("127.0.0.1:0".parse().expect("an address"), url).validate()
+    }
+
+    #[test]
+    fn a_redacted_url_keeps_everything_but_the_password() {
+        for (url, label) in [
+            (
+                "postgres://latchkey:s3cret@db.internal:5433/stock?sslmode=require",
+                "postgres://latchkey@db.internal:5433/stock?sslmode=require",
+            ),
+            (
+                "postgres://latchkey@db/stock",
+                "postgres://latchkey@db/stock",
+            ),
+            ("sqlite://latchkey.db", "sqlite://latchkey.db"),
+            (
+                "sqlite:///var/lib/latchkey/stock.db",
+                "sqlite:///var/lib/latchkey/stock.db",
+            ),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("redis://:s3cret@10.0.0.5:6379/2", "redis://10.0.0.5:6379/2"),
+            (
+                "redis+unix:///run/redis.sock",
+                "redis+unix:///run/redis.sock",
+            ),
+            ("not a url", "not a url"),
+            ("user:s3cret@host", "a URL that cannot be read"),
+        ] {
+            assert_eq!(redacted_url(url), label, "{url}");
+        }
     }
 
     #[test]

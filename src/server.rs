@@ -15,17 +15,14 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 use crate::{
-    config::Config,
+    config::{Config, redacted_url},
     grpc::{LockApi, StockApi, pb},
     lock::{
         LockEngine,
         store::{LockStore, fred_builder},
         waiters::Waiters,
     },
-    stock::{
-        StockEngine,
-        store::{StockStore, database_label},
-    },
+    stock::{StockEngine, store::StockStore},
     telemetry,
 };
 
@@ -63,7 +60,7 @@ pub async fn run(
     let waiters = Waiters::start(fred_builder(&config.redis)?.build_subscriber_client()?);
     let engine = LockEngine::start(store, waiters, stop.clone(), &config.locks);
     let stock_store = StockStore::connect(&config.stock).await.map_err(|e| {
-        let database = database_label(&config.stock.database_url);
+        let database = redacted_url(&config.stock.database_url);
         anyhow::anyhow!("cannot open the stock database {database}: {e}")
     })?;
     info!(backend = ?stock_store.backend(), "stock database ready");
@@ -103,7 +100,8 @@ pub async fn run(
 
     let lock_api = LockApi::new(engine.clone(), config.locks.clone());
     let stock_api = StockApi::new(stock, config.stock.clone(), config.locks.clone());
-    info!(listen = %listener.local_addr()?, redis = %config.redis.redis_url, "latchkey serving");
+    let redis = redacted_url(&config.redis.redis_url);
+    info!(listen = %listener.local_addr()?, %redis, "latchkey serving");
 
     let stopping = stop.clone();
     // Small replies must leave at once, not wait behind Nagle's algorithm for an ACK. (The
@@ -152,15 +150,19 @@ async fn watch_health(
 ) {
     let mut last = None;
     loop {
-        let (redis_up, db_up) = tokio::join!(locks.store().ping(), stock.store().ping());
-        let now = (redis_up.is_ok(), db_up.is_ok());
+        let (redis, db) = tokio::join!(locks.store().ping(), stock.store().ping());
+        let now = (redis.is_ok(), db.is_ok());
         if last != Some(now) {
-            let (redis_up, db_up) = now;
-            match (redis_up, db_up) {
-                (true, true) => info!("Redis and the database are reachable; serving"),
-                (false, _) => warn!("Redis is unreachable; NOT_SERVING until it answers again"),
-                (true, false) => warn!("the database is unreachable; StockService NOT_SERVING"),
+            match (&redis, &db) {
+                (Ok(()), Ok(())) => info!("Redis and the database are reachable; serving"),
+                (Err(error), _) => {
+                    warn!(%error, "Redis is unreachable; NOT_SERVING until it answers again");
+                }
+                (Ok(()), Err(error)) => {
+                    warn!(%error, "the database is unreachable; StockService NOT_SERVING");
+                }
             }
+            let (redis_up, db_up) = now;
             let status = |up: bool| {
                 if up {
                     ServingStatus::Serving

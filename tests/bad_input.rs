@@ -479,3 +479,54 @@ fn latchkey_refuses_to_start_with_a_tls_redis_url_instead_of_connecting_in_plain
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "", "stdout");
 }
+
+#[test]
+fn latchkey_logs_its_redis_url_without_the_password() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Nothing listens there: latchkey serves anyway (NOT_SERVING) and logs where it connects.
+    let url = format!("redis://:s3cret@127.0.0.1:{}/0", free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("LATCHKEY_LISTEN", "127.0.0.1:0")
+        .env("LATCHKEY_REDIS_URL", &url)
+        .env("LATCHKEY_REDIS_TIMEOUT", "200ms")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run latchkey");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        // Up to the health watcher's first verdict, which comes after the serving line.
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let done = line.contains("Redis is unreachable");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !lines.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = lines.join().expect("the log reader").join("\n");
+    let without_password = url.replace(":s3cret@", "");
+    assert!(
+        logged.contains("latchkey serving")
+            && logged.contains(&format!("redis={without_password}")),
+        "{logged}"
+    );
+    assert!(logged.contains("Redis is unreachable"), "{logged}");
+    assert!(
+        !logged.contains("s3cret"),
+        "the password was logged: {logged}"
+    );
+}

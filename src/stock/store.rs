@@ -24,7 +24,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
 use super::request::{OrderId, ProductId, Units};
-use crate::config::StockConfig;
+use crate::config::{StockConfig, redacted_url};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -66,20 +66,6 @@ const WAL_BYTES_KEPT: u64 = 4 << 20;
 /// How long no commit may have reached the WAL before its file is truncated.
 const WAL_IDLE_BEFORE_TRUNCATE: Duration = Duration::from_secs(1);
 
-/// The database `url` names, fit for a log line or an error: the URL without its password.
-pub fn database_label(url: &str) -> String {
-    match url::Url::parse(url) {
-        // A URL with a host: its password, if any, is where the URL standard puts it.
-        Ok(mut parsed) if !parsed.cannot_be_a_base() => {
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        // Anything else may hide one anywhere: shown only when it has no user part at all.
-        _ if !url.contains('@') => url.to_owned(),
-        _ => "a URL that cannot be read".to_owned(),
-    }
-}
-
 impl StockStore {
     /// Connects, applies the embedded migrations, and returns the store.
     pub async fn connect(config: &StockConfig) -> Result<Self, DbError> {
@@ -100,7 +86,7 @@ impl StockStore {
         } else {
             return Err(DbError::Other(format!(
                 "LATCHKEY_DATABASE_URL must start with sqlite: or postgres:, not {:?}",
-                database_label(url)
+                redacted_url(url)
             )));
         };
         let timeout_ms = config.database_timeout.as_millis().to_string();
@@ -597,30 +583,6 @@ mod tests {
         StockStore::connect(&config)
             .await
             .expect("open the database")
-    }
-
-    #[test]
-    fn a_database_label_keeps_everything_but_the_password() {
-        for (url, label) in [
-            (
-                "postgres://latchkey:s3cret@db.internal:5433/stock?sslmode=require",
-                "postgres://latchkey@db.internal:5433/stock?sslmode=require",
-            ),
-            (
-                "postgres://latchkey@db/stock",
-                "postgres://latchkey@db/stock",
-            ),
-            ("sqlite://latchkey.db", "sqlite://latchkey.db"),
-            (
-                "sqlite:///var/lib/latchkey/stock.db",
-                "sqlite:///var/lib/latchkey/stock.db",
-            ),
-            ("sqlite::memory:", "sqlite::memory:"),
-            ("not a url", "not a url"),
-            ("user:s3cret@host", "a URL that cannot be read"),
-        ] {
-            assert_eq!(database_label(url), label, "{url}");
-        }
     }
 
     #[tokio::test]

@@ -370,7 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "cannot create a database on the PostgreSQL server {} (--postgres-url): {e}",
-                        latchkey::stock::store::database_label(admin)
+                        latchkey::config::redacted_url(admin)
                     )
                 })?,
         ),
