@@ -450,26 +450,15 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
 
 #[test]
 fn latchkey_refuses_to_start_with_a_tls_redis_url_instead_of_connecting_in_plain_text() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
-        .arg("serve")
-        .env("LATCHKEY_LISTEN", "127.0.0.1:0")
-        .env("LATCHKEY_REDIS_URL", "rediss://127.0.0.1:6380")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run latchkey");
     // A latchkey that took the URL would serve until stopped: give it 30 s to refuse.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("latchkey's status").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("latchkey started with a rediss:// URL");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("latchkey's output");
+    let out = latchkey_until_exit(
+        &[
+            ("LATCHKEY_REDIS_URL", "rediss://127.0.0.1:6380"),
+            ("RUST_LOG", "warn"),
+        ],
+        Duration::from_secs(30),
+        "latchkey started with a rediss:// URL",
+    );
     // The error is logged to stderr, with every other log line; stdout stays empty.
     let logged = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "latchkey's exit: {logged}");
@@ -483,19 +472,15 @@ fn latchkey_refuses_to_start_with_a_tls_redis_url_instead_of_connecting_in_plain
 #[test]
 fn latchkey_logs_its_redis_url_without_the_password() {
     let dir = tempfile::tempdir().expect("temp dir");
+    let database = format!("sqlite://{}", dir.path().join("latchkey.db").display());
     // Nothing listens there: latchkey serves anyway (NOT_SERVING) and logs where it connects.
     let url = format!("redis://:s3cret@127.0.0.1:{}/0", free_port());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
-        .arg("serve")
-        .current_dir(dir.path())
-        .env("LATCHKEY_LISTEN", "127.0.0.1:0")
-        .env("LATCHKEY_REDIS_URL", &url)
-        .env("LATCHKEY_REDIS_TIMEOUT", "200ms")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run latchkey");
+    let mut child = latchkey_serve(&[
+        ("LATCHKEY_DATABASE_URL", &database),
+        ("LATCHKEY_REDIS_URL", &url),
+        ("LATCHKEY_REDIS_TIMEOUT", "200ms"),
+        ("RUST_LOG", "info"),
+    ]);
     let stderr = child.stderr.take().expect("piped stderr");
     let lines = std::thread::spawn(move || {
         use std::io::BufRead;

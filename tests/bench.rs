@@ -558,6 +558,21 @@ async fn the_bench_drops_the_postgresql_database_it_created() {
     assert_eq!(bench_databases().await, Vec::<String>::new());
 }
 
+/// A run that gave up before starting anything: it failed, saying `why`, without the password
+/// (`secret`) of the URL it was given, and before the table's first line, which comes once its
+/// servers are up.
+fn assert_refused_at_start(out: &Output, why: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains(why), "{stderr}");
+    assert!(
+        !stderr.contains("secret"),
+        "the password was printed: {stderr}"
+    );
+    assert!(!stdout.contains("latchkey-bench on"), "{stdout}");
+}
+
 #[test]
 fn an_unreachable_postgresql_fails_the_run_before_any_row() {
     // Nothing listens on this port. Four uncontended rows of ten minutes would come first if
@@ -578,21 +593,10 @@ fn an_unreachable_postgresql_fails_the_run_before_any_row() {
         &[],
     );
     let out = bench.finish(Duration::from_secs(120));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains(
-            "cannot create a database on the PostgreSQL server postgres://postgres@127.0.0.1:"
-        ),
-        "{stderr}"
+    assert_refused_at_start(
+        &out,
+        "cannot create a database on the PostgreSQL server postgres://postgres@127.0.0.1:",
     );
-    assert!(
-        !stderr.contains("secret"),
-        "the password was printed: {stderr}"
-    );
-    // It stopped before starting its servers, which come before the table's first line.
-    assert!(!stdout.contains("latchkey-bench on"), "{stdout}");
 }
 
 #[tokio::test]
@@ -615,16 +619,5 @@ async fn an_unreachable_redis_url_fails_a_run_against_a_running_latchkey_before_
         &[],
     );
     let out = bench.finish(Duration::from_secs(120));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains("cannot reach the Redis --redis-url names"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("secret"),
-        "the password was printed: {stderr}"
-    );
-    assert!(!stdout.contains("latchkey-bench on"), "{stdout}");
+    assert_refused_at_start(&out, "cannot reach the Redis --redis-url names");
 }

@@ -139,30 +139,17 @@ async fn postgresql_down_gives_unavailable_and_service_resumes_when_it_returns()
 fn latchkey_that_cannot_reach_its_database_at_start_says_which_and_why() {
     // Nothing listens on either port; Redis is not needed to fail on the database.
     let database = format!("postgres://latchkey:s3cret@127.0.0.1:{}/stock", free_port());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
-        .arg("serve")
-        .env("LATCHKEY_LISTEN", "127.0.0.1:0")
-        .env(
-            "LATCHKEY_REDIS_URL",
-            format!("redis://127.0.0.1:{}", free_port()),
-        )
-        .env("LATCHKEY_DATABASE_URL", &database)
-        .env("LATCHKEY_DATABASE_TIMEOUT", "1s")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run latchkey");
-    let deadline = Instant::now() + secs(60);
-    while child.try_wait().expect("latchkey's status").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("latchkey kept running without its database");
-        }
-        std::thread::sleep(ms(20));
-    }
-    let out = child.wait_with_output().expect("latchkey's output");
+    let redis = format!("redis://127.0.0.1:{}", free_port());
+    let out = latchkey_until_exit(
+        &[
+            ("LATCHKEY_REDIS_URL", &redis),
+            ("LATCHKEY_DATABASE_URL", &database),
+            ("LATCHKEY_DATABASE_TIMEOUT", "1s"),
+            ("RUST_LOG", "warn"),
+        ],
+        secs(60),
+        "latchkey kept running without its database",
+    );
     let logged = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "latchkey's exit: {logged}");
     let without_password = database.replace(":s3cret", "");

@@ -262,6 +262,39 @@ pub fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
+/// The real `latchkey serve` binary as a child process, for what it does at start: `env` on top
+/// of port 0 to listen on, its stdout and stderr (where it logs) piped.
+pub fn latchkey_serve(env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .arg("serve")
+        .env("LATCHKEY_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the latchkey binary")
+}
+
+/// `latchkey_serve(env)` until it exits by itself; if it still runs after `within`, it is
+/// killed and the test fails with `still_running`.
+pub fn latchkey_until_exit(
+    env: &[(&str, &str)],
+    within: Duration,
+    still_running: &str,
+) -> std::process::Output {
+    let mut child = latchkey_serve(env);
+    let deadline = Instant::now() + within;
+    while child.try_wait().expect("latchkey's status").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{still_running}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("latchkey's output")
+}
+
 /// The real `latchkey serve` binary as a child process, for crashes (`kill -9`) and signals.
 /// Its log (warnings and errors) goes to a file, shown in the test's output only if the test
 /// fails, so the warnings a fault test provokes on purpose do not fill every run's output.
