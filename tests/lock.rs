@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use common::{link::Link, *};
 use fred::prelude::*;
 use latchkey::grpc::pb;
 use tonic::{Code, Request};
@@ -692,6 +692,60 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
     server.wait_serving().await;
     // Redis lost the old hold; the lock works again, including wake-ups by unlock messages.
     assert!(release_to_a_waiter(&server).await < secs(1));
+}
+
+/// The network fails after Redis granted the lock but before its answer arrived: the
+/// connection closes, latchkey reconnects and runs the same acquire again (fred retries a
+/// command a dropped connection caught). The grant must still reach its caller; told "busy" by
+/// its own grant, the caller would walk away and leave the lock dead until the lease ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_whose_answer_a_dropped_connection_lost_still_gets_its_grant() {
+    let redis = RedisServer::start();
+    let link = Link::to(redis.port).await;
+    let mut config = test_config(&redis);
+    config.redis.redis_url = link.url();
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+
+    let cases = [
+        ("orders/try", false, Duration::ZERO),
+        ("orders/wait", false, secs(20)),
+        ("orders/fair-try", true, Duration::ZERO),
+        ("orders/fair-wait", true, secs(20)),
+    ];
+    for (name, fair, wait) in cases {
+        let cuts = link.cuts();
+        link.lose_answer_to("EVALSHA");
+        let started = Instant::now();
+        let granted = c
+            .acquire(pb::AcquireRequest {
+                fair,
+                ..acquire(name, secs(60), wait)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(link.cuts(), cuts + 1, "{name}: the link dropped no answer");
+        assert!(
+            granted.acquired,
+            "{name}: told busy by its own grant (after {:?})",
+            started.elapsed()
+        );
+        let state = inspect(&c, name).await;
+        assert!(
+            state.held && state.fence == granted.fence,
+            "{name}: {state:?}"
+        );
+        // The token it got is the one that holds the lock: it can release it.
+        let released = c
+            .release(pb::ReleaseRequest {
+                name: name.into(),
+                token: granted.token,
+            })
+            .await
+            .unwrap();
+        assert!(released.get_ref().released, "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

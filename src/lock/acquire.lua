@@ -11,7 +11,8 @@
 -- ARGV[6]  ms until the waiter's deadline (ignored without a waiter id)
 --
 -- Returns
---   {1, fence, holds, lease_ms}   granted (fresh, or re-entered with the same fence)
+--   {1, fence, holds, lease_ms}   granted (fresh, or re-entered with the same fence; run again
+--                                 after its own grant: the lease left)
 --   {0, holder_ttl_ms}            held by someone else; a waiter id is (re)registered
 --   {-1} / {-2} / {-3}            re-entry refused: not held / another owner / expired
 --
@@ -35,10 +36,21 @@ if reenter then
   return {1, fence, holds, lease_ms}
 end
 
+if live and owner == token then
+  -- This very acquire took the lock already: its answer was lost with a dropped connection and
+  -- the command runs again (fred retries what a dropped connection caught). Tokens are fresh
+  -- per Acquire, and an Acquire stops sending its token once granted. A lock a release handed
+  -- to this waiter carries `from` instead: that grant reaches the waiter through its latchkey
+  -- process (answering it here too would let it leave before the hand-off arrives), and the
+  -- waiter never registers for a lock it already owns.
+  if redis.call('HEXISTS', lock_key, 'from') == 0 then
+    return {1, fence, holds, until_ms - now_ms}
+  end
+  return {0, until_ms - now_ms}
+end
+
 if live then
-  -- A waiter never registers for a lock a release just handed to it (owner == token): its
-  -- grant reaches it through its latchkey process, not through this script.
-  if waiter ~= '' and owner ~= token then
+  if waiter ~= '' then
     redis.call('ZREMRANGEBYSCORE', waiters_key, '-inf', now_ms)
     redis.call('ZADD', waiters_key, int(now_ms + wait_ms), waiter)
     if redis.call('PTTL', waiters_key) < wait_ms then

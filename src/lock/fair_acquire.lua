@@ -11,7 +11,8 @@
 --
 -- Returns
 --   {1, fence, 1, lease_ms, queued_at}  granted: the lock was free and the caller first in
---                                   line; queued_at is its join order (0: it never queued)
+--                                   line; queued_at is its join order (0: it never queued,
+--                                   or this is the same attempt run again after its grant)
 --   {0, holder_ttl_ms, position, order}  not granted (holder_ttl_ms 0: free, but others are
 --                                   ahead); position is the 0-based place in the queue, -1 if
 --                                   not queued; order its join order (0 if not queued)
@@ -26,8 +27,13 @@ local joins, alive_ms = ARGV[4] == '1', tonumber(ARGV[5])
 local now_ms, now_us = redis_now()
 local owner, _, fence, until_ms, live = read_lock(lock_key, now_ms)
 if live and owner == token then
-  -- A release just handed the lock to this waiter; its latchkey process tells it. It must
-  -- not join the queue again.
+  -- This very attempt took the lock already and runs again, its answer lost with a dropped
+  -- connection (see acquire.lua): granted, with the lease left; its join order went with its
+  -- queue entry (0). A lock a release handed to this waiter carries `from`: its latchkey
+  -- process tells it, and it must not join the queue again.
+  if redis.call('HEXISTS', lock_key, 'from') == 0 then
+    return {1, fence, 1, until_ms - now_ms, 0}
+  end
   return {0, until_ms - now_ms, -1, 0}
 end
 local head = fair_head(queue_key, waiters_key, now_ms)

@@ -1,7 +1,9 @@
 //! Real servers for tests: a private `redis-server` on a free loopback port (which a test may
-//! kill, freeze and restart), and latchkey itself on port 0, in process or as a child process.
+//! kill, freeze and restart), a link to it that can drop an answer mid-flight, and latchkey
+//! itself on port 0, in process or as a child process.
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod link;
 mod postgres;
 mod redis;
 
