@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{link::Link, *};
 use fred::interfaces::ClientLike;
 use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -329,6 +329,80 @@ async fn a_plain_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fair_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter() {
     a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(true).await;
+}
+
+/// The Redis connection closes after the release script handed the lock over but before its
+/// answer arrived, and the release runs again after reconnecting (fred retries it), to find
+/// the lock owned by the waiter ("another owner"). The holder must hear that its release
+/// worked, and the waiter must get the lock now, not at the end of the 60 s lease.
+async fn a_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_delivered(
+    fair: bool,
+) {
+    let redis = RedisServer::start();
+    let link = Link::to(redis.port).await;
+    let mut config = test_config(&redis);
+    config.locks.fair_waiter_timeout = secs(60);
+    config.redis.redis_url = link.url();
+    let server = Latchkey::start_with(config).await;
+    let name = if fair { "cut/fair" } else { "cut/plain" };
+
+    let mut holder = server.locks().await;
+    let held = holder
+        .acquire(request(name, secs(1), fair))
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert!(held.acquired, "the lock starts free");
+    // The waiter's two acquire attempts (before and after subscribing) must be done before the
+    // link is armed, or the link would cut one of those. Redis counts the scripts it ran.
+    let admin = redis.client().await;
+    let scripts_before = command_calls(&admin, "evalsha").await;
+    let mut waiter = server.locks().await;
+    let waiting = tokio::spawn(async move {
+        let grant = waiter.acquire(request(name, secs(20), fair)).await;
+        (waiter, grant)
+    });
+    wait_until(secs(10), || async {
+        command_calls(&admin, "evalsha").await >= scripts_before + 2
+    })
+    .await;
+
+    link.lose_answer_to("EVALSHA");
+    let released = holder
+        .release(pb::ReleaseRequest {
+            name: name.into(),
+            token: held.token,
+        })
+        .await
+        .expect("the release worked; only its first answer was lost")
+        .into_inner();
+    assert_eq!(link.cuts(), 1, "the link dropped no answer");
+    assert!(
+        released.released && released.hold_count == 0,
+        "{released:?}"
+    );
+
+    let (mut waiter, grant) = waiting.await.expect("waiter task");
+    let grant = grant.expect("acquire").into_inner();
+    assert!(
+        grant.acquired,
+        "the handed-over lock never reached its waiter"
+    );
+    assert!(grant.fence > held.fence, "a hand-off is a new grant");
+    let state = inspect(&holder, name).await;
+    assert!(state.held && state.hold_count == 1, "{state:?}");
+    release(&mut waiter, name, grant.token).await;
+    assert!(!inspect(&holder, name).await.held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_delivered() {
+    a_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_delivered(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_delivered() {
+    a_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_delivered(true).await;
 }
 
 /// What a release that lost its answer asks Redis: did *this* release hand the lock to this
