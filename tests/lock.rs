@@ -443,29 +443,36 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
 
 /// How many SCRIPT LOAD calls Redis has served since it started (Redis 7 counts the
 /// subcommand on its own line, Redis 6 every SCRIPT call on one).
+/// src/lock/*.lua, the prelude aside.
+const LOCK_SCRIPTS: u64 = 9;
+
 async fn script_loads(redis: &Client) -> u64 {
     command_calls(redis, "script|load")
         .await
         .max(command_calls(redis, "script").await)
 }
 
+/// Waits until each of latchkey's `connections` has loaded every lock script (each loads
+/// them all when it connects).
+async fn wait_for_script_loads(redis: &Client, connections: u16) {
+    wait_until(secs(10), || async {
+        script_loads(redis).await >= LOCK_SCRIPTS * u64::from(connections)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_redis_gets_the_scripts_back_before_any_call_needs_them() {
-    // src/lock/*.lua, the prelude aside.
-    const SCRIPTS: u64 = 9;
     let mut redis = RedisServer::start();
     let config = test_config(&redis);
-    let connections = u64::from(config.redis.redis_pool_size);
+    let connections = config.redis.redis_pool_size;
     let server = Latchkey::start_with(config).await;
 
     redis.restart(); // kill -9, then an empty Redis: no keys, no scripts
     server.wait_serving().await;
     let admin = redis.client().await;
     // Nobody calls latchkey, yet every pooled connection loads the scripts on reconnecting.
-    wait_until(secs(10), || async {
-        script_loads(&admin).await >= SCRIPTS * connections
-    })
-    .await;
+    wait_for_script_loads(&admin, connections).await;
 
     // So the first calls after the restart never meet NOSCRIPT.
     let mut c = server.locks().await;
@@ -746,6 +753,82 @@ async fn an_acquire_whose_answer_a_dropped_connection_lost_still_gets_its_grant(
             .unwrap();
         assert!(released.get_ref().released, "{name}");
     }
+}
+
+/// Redis stalls (CLIENT PAUSE) past the acquire's Redis timeout: the caller hears
+/// UNAVAILABLE, but Redis runs the acquire script once the pause ends and grants the lock to a
+/// token nobody was ever told. latchkey must give that grant back, not leave the lock dead for
+/// its 60 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_that_lost_its_answer_to_a_stalled_redis_leaves_no_lock_behind() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.redis.redis_timeout = ms(300);
+    let connections = config.redis.redis_pool_size;
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+    let admin = redis.client().await;
+    // A script Redis does not have yet when it finally runs the acquire (NOSCRIPT) would make
+    // the acquire never run at all, and this test prove nothing.
+    wait_for_script_loads(&admin, connections).await;
+
+    for (name, fair) in [("stalled/fair", true), ("stalled/plain", false)] {
+        let request = || pb::AcquireRequest {
+            fair,
+            ..acquire(name, secs(60), Duration::ZERO)
+        };
+        let grants_before = redis_grants(&admin, name).await;
+        let _: () = admin
+            .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1500"])
+            .await
+            .expect("CLIENT PAUSE");
+        let lost = c
+            .acquire(request())
+            .await
+            .expect_err("Redis is paused past the acquire's timeout");
+        assert_eq!(lost.code(), Code::Unavailable, "{name}: {lost:?}");
+
+        // Redis ran the acquire after the pause (the fence moved), and the lock is free again
+        // long before its lease would have ended.
+        wait_until(secs(10), || async {
+            redis_grants(&admin, name).await > grants_before
+                && inspect_if_up(&c, name).await.is_some_and(|s| !s.held)
+        })
+        .await;
+        let again = c.acquire(request()).await.unwrap().into_inner();
+        assert!(
+            again.acquired,
+            "{name}: the lock stayed taken by the lost grant"
+        );
+        c.release(pb::ReleaseRequest {
+            name: name.into(),
+            token: again.token,
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// The fence Redis last granted `name` under (0 before the first grant): it moves with every
+/// grant, whoever was told of it.
+async fn redis_grants(redis: &Client, name: &str) -> u64 {
+    let fence: Option<u64> = redis
+        .hget(format!("latchkey:{{{name}}}:lock"), "fence")
+        .await
+        .expect("HGET fence");
+    fence.unwrap_or(0)
+}
+
+/// Inspect, or None while latchkey answers UNAVAILABLE.
+async fn inspect_if_up(
+    c: &pb::lock_service_client::LockServiceClient<tonic::transport::Channel>,
+    name: &str,
+) -> Option<pb::InspectResponse> {
+    let mut c = c.clone();
+    c.inspect(pb::InspectRequest { name: name.into() })
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,9 @@
 //!   released again on its behalf (and may be handed on), so a hand-off never strands a lock.
 //!   If the release's answer is lost (timed out, or a retried command), the engine asks Redis
 //!   whether the lock went to the waiter and tells it if so (`settle`).
+//! - **A lost acquire answer strands nothing.** An Acquire that fails because Redis did not
+//!   answer in time may still be run by Redis later; the engine then releases what it may have
+//!   granted, under a token no caller ever saw (`disown`).
 //!
 //! Layout: `request` (typed, validated inputs), `store` (Redis keys and scripts), `waiters`
 //! (pub/sub wake-ups), `fair` (the queue refresher).
@@ -237,7 +240,14 @@ impl LockEngine {
         gone: impl Future<Output = ()>,
     ) -> Result<Acquired, LockError> {
         let started = Instant::now();
-        let result = self.acquire_inner(req, deadline, gone).await;
+        let (token, reenter) = match req.reenter {
+            Some(token) => (token, true),
+            None => (Token::generate(), false),
+        };
+        let result = self.acquire_inner(req, token, deadline, gone).await;
+        if !reenter && matches!(result, Err(LockError::Store(StoreError::Unavailable(_)))) {
+            self.disown(req, token);
+        }
         let outcome = match &result {
             Ok(Acquired::Granted(_)) => "granted",
             Ok(Acquired::TimedOut { .. }) => "timed_out",
@@ -252,17 +262,16 @@ impl LockEngine {
         result
     }
 
+    /// `token`: `req.reenter`'s, or the fresh one this acquire grants under.
     async fn acquire_inner(
         self: &Arc<Self>,
         req: &AcquireRequest,
+        token: Token,
         deadline: Instant,
         gone: impl Future<Output = ()>,
     ) -> Result<Acquired, LockError> {
         let name = &req.name;
-        let (token, reenter) = match req.reenter {
-            Some(token) => (token, true),
-            None => (Token::generate(), false),
-        };
+        let reenter = req.reenter.is_some();
         let grant = |g: store::Granted| {
             Acquired::Granted(Grant {
                 token,
@@ -485,6 +494,44 @@ impl LockEngine {
             .acquire(name, token, reenter, lease, waiter)
             .await
             .map_err(|e| self.store_error("acquire", e))
+    }
+
+    /// An acquire under the fresh `token` failed because an attempt lost its answer (Redis
+    /// timed out, or the connection dropped), and its caller hears UNAVAILABLE. Redis may still
+    /// run that attempt late and grant the lock to `token`, which nobody would ever release:
+    /// the lock would sit idle until its lease ended. Releases it (and leaves the fair queue) in
+    /// the background, retrying while Redis is unavailable, for at most the lease. The token
+    /// never left this process, so this releases nothing a caller holds; Redis runs the release
+    /// after the lost attempt, both going over the lock's connection in order.
+    fn disown(self: &Arc<Self>, req: &AcquireRequest, token: Token) {
+        let (engine, name, fair) = (self.clone(), req.name.clone(), req.fair);
+        let give_up = Instant::now() + req.lease.get();
+        tokio::spawn(async move {
+            let give_back = || async {
+                if fair {
+                    engine.store.fair_leave(&name, &token.to_string()).await?;
+                }
+                engine.release(&name, token).await
+            };
+            let mut backoff = SETTLE_BACKOFF;
+            loop {
+                match give_back().await {
+                    Ok(_) => {
+                        debug!(lock = %name, "released a grant whose answer was lost");
+                        return;
+                    }
+                    Err(LockError::NotOwner(_)) => return, // the lost attempt granted nothing
+                    Err(error) => {
+                        if Instant::now() + backoff >= give_up {
+                            warn!(lock = %name, %error, "could not release what an acquire that lost its answer may have granted; if it did, the lock frees at lease end");
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        });
     }
 
     /// Gives back one hold. When none is left, the lock goes to a waiter of this process if it
