@@ -694,6 +694,11 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
         started.elapsed() < secs(4),
         "an RPC hung while Redis was down"
     );
+    // It says why Redis does not answer, not only that it timed out.
+    assert!(
+        status.message().contains("Connection refused"),
+        "{status:?}"
+    );
 
     redis.restart();
     server.wait_serving().await;

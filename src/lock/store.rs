@@ -8,7 +8,7 @@
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -167,9 +167,13 @@ pub struct LockStore {
     fair_acquire: Script,
     fair_refresh: Script,
     fair_leave: Script,
-    /// One task per pooled connection loading every script each time it (re)connects, stopped
-    /// with the store.
-    _reloads: Vec<AbortOnDropHandle<Result<(), fred::error::Error>>>,
+    /// One task per pooled connection loading every script each time it (re)connects, and one
+    /// recording its connection errors, stopped with the store.
+    _listeners: Vec<AbortOnDropHandle<Result<(), fred::error::Error>>>,
+    /// What the latest failed connection attempt said ("Connection refused", a TLS or AUTH
+    /// failure), until a connection succeeds again: a command that times out meanwhile says
+    /// why Redis is not answering, not only that it is not.
+    connection_error: Arc<Mutex<Option<String>>>,
 }
 
 /// The fred config shared by the command pool and the subscriber: reconnect forever with
@@ -217,30 +221,41 @@ impl LockStore {
             fair_acquire: lock_script!("fair_acquire.lua"),
             fair_refresh: lock_script!("fair_refresh.lua"),
             fair_leave: lock_script!("fair_leave.lua"),
-            _reloads: Vec::new(),
+            _listeners: Vec::new(),
+            connection_error: Arc::default(),
         };
         let scripts = Arc::new(store.scripts());
-        // Registered before connecting, so the first connection's event is not missed.
-        store._reloads = store
-            .pool
-            .clients()
-            .iter()
-            .map(|client| {
-                let (loader, scripts) = (client.clone(), scripts.clone());
-                AbortOnDropHandle::new(client.on_reconnect(move |_server| {
-                    let (client, scripts) = (loader.clone(), scripts.clone());
-                    async move {
-                        for script in scripts.iter() {
-                            if let Err(error) = script.load(&client).await {
-                                debug!(%error, "could not load the lock scripts after connecting; calls load them on NOSCRIPT");
-                                break;
-                            }
+        // Registered before connecting, so the first connection's events are not missed.
+        let errors = store.pool.clients().iter().map(|client| {
+            let connection_error = store.connection_error.clone();
+            AbortOnDropHandle::new(client.on_error(move |(error, _server)| {
+                *connection_error
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error.to_string());
+                std::future::ready(Ok(()))
+            }))
+        });
+        store._listeners = errors.collect();
+        let reloads = store.pool.clients().iter().map(|client| {
+            let (loader, scripts) = (client.clone(), scripts.clone());
+            let connection_error = store.connection_error.clone();
+            AbortOnDropHandle::new(client.on_reconnect(move |_server| {
+                *connection_error
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+                let (client, scripts) = (loader.clone(), scripts.clone());
+                async move {
+                    for script in scripts.iter() {
+                        if let Err(error) = script.load(&client).await {
+                            debug!(%error, "could not load the lock scripts after connecting; calls load them on NOSCRIPT");
+                            break;
                         }
-                        Ok(())
                     }
-                }))
-            })
-            .collect();
+                    Ok(())
+                }
+            }))
+        });
+        store._listeners.extend(reloads);
         store.pool.connect_pool();
         Ok(store)
     }
@@ -353,7 +368,9 @@ impl LockStore {
     pub async fn leave_waiters(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
         use fred::interfaces::SortedSetsInterface;
         let keys = self.keys(name);
-        let _: i64 = Box::pin(self.client_for(name).zrem(keys.waiters, waiter_id)).await?;
+        let _: i64 = Box::pin(self.client_for(name).zrem(keys.waiters, waiter_id))
+            .await
+            .map_err(|error| self.explained(error))?;
         Ok(())
     }
 
@@ -582,13 +599,48 @@ impl LockStore {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<R, fred::error::Error> {
-        Box::pin(script.evalsha_with_reload(self.client_for(name), keys, args)).await
+        Box::pin(script.evalsha_with_reload(self.client_for(name), keys, args))
+            .await
+            .map_err(|error| self.explained(error))
     }
 
     /// A round trip to Redis, for health checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let _: String = self.pool.next().ping(None).await?;
+        let _: String = self
+            .pool
+            .next()
+            .ping(None)
+            .await
+            .map_err(|error| self.explained(error))?;
         Ok(())
+    }
+
+    /// `error`, followed by why the latest connection attempt failed when the command timed
+    /// out or never reached Redis while latchkey cannot connect ("Request timed out" alone
+    /// does not tell a refused connection from a wrong password or a stalled Redis).
+    fn explained(&self, error: fred::error::Error) -> fred::error::Error {
+        use fred::error::ErrorKind;
+        if !matches!(
+            error.kind(),
+            ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled
+        ) {
+            return error;
+        }
+        let cause = self
+            .connection_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match cause {
+            Some(cause) => fred::error::Error::new(
+                error.kind().clone(),
+                format!(
+                    "{}; the latest connection attempt failed: {cause}",
+                    error.details()
+                ),
+            ),
+            None => error,
+        }
     }
 }
 
