@@ -253,6 +253,63 @@ async fn local_hand_offs_never_pass_over_a_waiter_of_another_replica() {
     }
 }
 
+/// A waiting client's task: the client and the answer to its Acquire.
+type Waiting = tokio::task::JoinHandle<(
+    LockServiceClient<Channel>,
+    Result<tonic::Response<pb::AcquireResponse>, tonic::Status>,
+)>;
+
+/// A lock taken by `holder` (1 s lease) and a client of the same server waiting for it (20 s),
+/// returned once the waiter made both acquire attempts it makes before it sleeps (one before
+/// subscribing, one after), so a fault aimed at the holder's release cannot catch either.
+/// Redis (`admin`) counts the scripts it ran.
+async fn held_with_a_waiter(
+    server: &Latchkey,
+    admin: &fred::prelude::Client,
+    name: &'static str,
+    fair: bool,
+) -> (LockServiceClient<Channel>, pb::AcquireResponse, Waiting) {
+    let mut holder = server.locks().await;
+    let held = holder
+        .acquire(request(name, secs(1), fair))
+        .await
+        .expect("acquire")
+        .into_inner();
+    assert!(held.acquired, "the lock starts free");
+    let scripts_before = command_calls(admin, "evalsha").await;
+    let mut waiter = server.locks().await;
+    let waiting = tokio::spawn(async move {
+        let grant = waiter.acquire(request(name, secs(20), fair)).await;
+        (waiter, grant)
+    });
+    wait_until(secs(10), || async {
+        command_calls(admin, "evalsha").await >= scripts_before + 2
+    })
+    .await;
+    (holder, held, waiting)
+}
+
+/// The waiter of `held_with_a_waiter` got the lock the holder's release handed it: a new
+/// grant, held once, and it releases it.
+async fn assert_handed_to_the_waiter(
+    holder: &LockServiceClient<Channel>,
+    held_fence: u64,
+    waiting: Waiting,
+    name: &str,
+) {
+    let (mut waiter, grant) = waiting.await.expect("waiter task");
+    let grant = grant.expect("acquire").into_inner();
+    assert!(
+        grant.acquired,
+        "the lock the release handed over never reached its waiter"
+    );
+    assert!(grant.fence > held_fence, "a hand-off is a new grant");
+    let state = inspect(holder, name).await;
+    assert!(state.held && state.hold_count == 1, "{state:?}");
+    release(&mut waiter, name, grant.token).await;
+    assert!(!inspect(holder, name).await.held);
+}
+
 /// Redis is paused (CLIENT PAUSE) past the release's Redis timeout: the holder hears
 /// UNAVAILABLE, but its release script runs once the pause ends and hands the lock to the
 /// waiting client. That client must get the lock then, not at the end of the 60 s lease it
@@ -274,26 +331,8 @@ async fn a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(fair:
         .expect("acquire")
         .into_inner();
     release(&mut holder, "lost/warm-up", warm_up.token).await;
-    let held = holder
-        .acquire(request(name, secs(1), fair))
-        .await
-        .expect("acquire")
-        .into_inner();
-    assert!(held.acquired, "the lock starts free");
-    // The waiter makes two acquire attempts before it sleeps (one before subscribing, one
-    // after); the pause must not catch either, or the waiter itself hears UNAVAILABLE. Redis
-    // counts the scripts it ran.
     let admin = redis.client().await;
-    let scripts_before = command_calls(&admin, "evalsha").await;
-    let mut waiter = server.locks().await;
-    let waiting = tokio::spawn(async move {
-        let grant = waiter.acquire(request(name, secs(20), fair)).await;
-        (waiter, grant)
-    });
-    wait_until(secs(10), || async {
-        command_calls(&admin, "evalsha").await >= scripts_before + 2
-    })
-    .await;
+    let (mut holder, held, waiting) = held_with_a_waiter(&server, &admin, name, fair).await;
 
     let _: () = admin
         .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1500"])
@@ -307,18 +346,7 @@ async fn a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(fair:
         .await
         .expect_err("Redis is paused past the release's timeout");
     assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
-
-    let (mut waiter, grant) = waiting.await.expect("waiter task");
-    let grant = grant.expect("acquire").into_inner();
-    assert!(
-        grant.acquired,
-        "the lock the release handed over never reached its waiter"
-    );
-    assert!(grant.fence > held.fence, "a hand-off is a new grant");
-    let state = inspect(&holder, name).await;
-    assert!(state.held && state.hold_count == 1, "{state:?}");
-    release(&mut waiter, name, grant.token).await;
-    assert!(!inspect(&holder, name).await.held);
+    assert_handed_to_the_waiter(&holder, held.fence, waiting, name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,26 +374,8 @@ async fn a_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_
     let server = Latchkey::start_with(config).await;
     let name = if fair { "cut/fair" } else { "cut/plain" };
 
-    let mut holder = server.locks().await;
-    let held = holder
-        .acquire(request(name, secs(1), fair))
-        .await
-        .expect("acquire")
-        .into_inner();
-    assert!(held.acquired, "the lock starts free");
-    // The waiter's two acquire attempts (before and after subscribing) must be done before the
-    // link is armed, or the link would cut one of those. Redis counts the scripts it ran.
     let admin = redis.client().await;
-    let scripts_before = command_calls(&admin, "evalsha").await;
-    let mut waiter = server.locks().await;
-    let waiting = tokio::spawn(async move {
-        let grant = waiter.acquire(request(name, secs(20), fair)).await;
-        (waiter, grant)
-    });
-    wait_until(secs(10), || async {
-        command_calls(&admin, "evalsha").await >= scripts_before + 2
-    })
-    .await;
+    let (mut holder, held, waiting) = held_with_a_waiter(&server, &admin, name, fair).await;
 
     link.lose_answer_to("EVALSHA");
     let released = holder
@@ -381,18 +391,7 @@ async fn a_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_
         released.released && released.hold_count == 0,
         "{released:?}"
     );
-
-    let (mut waiter, grant) = waiting.await.expect("waiter task");
-    let grant = grant.expect("acquire").into_inner();
-    assert!(
-        grant.acquired,
-        "the handed-over lock never reached its waiter"
-    );
-    assert!(grant.fence > held.fence, "a hand-off is a new grant");
-    let state = inspect(&holder, name).await;
-    assert!(state.held && state.hold_count == 1, "{state:?}");
-    release(&mut waiter, name, grant.token).await;
-    assert!(!inspect(&holder, name).await.held);
+    assert_handed_to_the_waiter(&holder, held.fence, waiting, name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
