@@ -39,7 +39,7 @@ pub mod waiters;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{
-    sync::oneshot,
+    sync::{Semaphore, oneshot},
     time::{Instant, sleep_until},
 };
 use tokio_util::sync::CancellationToken;
@@ -192,7 +192,12 @@ pub struct LockEngine {
     fair_alive: Duration,
     /// Caps on waiting callers.
     admission: admission::Admission,
+    /// Bounds the background releases of grants whose answer was lost (see `disown`).
+    disowning: Arc<Semaphore>,
 }
+
+/// How many grants whose answer was lost may be given back in the background at once.
+const MAX_DISOWNING: usize = 1024;
 
 /// First pause before `settle` asks Redis again while it is unavailable (doubling to 1 s).
 const SETTLE_BACKOFF: Duration = Duration::from_millis(50);
@@ -217,6 +222,7 @@ impl LockEngine {
             fair: Arc::default(),
             fair_alive,
             admission: admission::Admission::new(limits.max_waiters_per_name, limits.max_waiters),
+            disowning: Arc::new(Semaphore::new(MAX_DISOWNING)),
         });
         tokio::spawn(fair::refresh(Arc::downgrade(&engine), fair_alive));
         engine
@@ -503,10 +509,19 @@ impl LockEngine {
     /// the background, retrying while Redis is unavailable, for at most the lease. The token
     /// never left this process, so this releases nothing a caller holds; Redis runs the release
     /// after the lost attempt, both going over the lock's connection in order.
+    ///
+    /// At most `MAX_DISOWNING` of these run at once: in a long Redis outage every failing
+    /// Acquire would start one, each retrying for its whole lease. Past that, such a lock frees
+    /// at the end of its lease, as every lock of a crashed holder does.
     fn disown(self: &Arc<Self>, req: &AcquireRequest, token: Token) {
+        let Ok(permit) = self.disowning.clone().try_acquire_owned() else {
+            debug!(lock = %req.name, "too many lost acquire answers being given back; this one frees at lease end if it was granted");
+            return;
+        };
         let (engine, name, fair) = (self.clone(), req.name.clone(), req.fair);
         let give_up = Instant::now() + req.lease.get();
         tokio::spawn(async move {
+            let _permit = permit;
             let give_back = || async {
                 if fair {
                     engine.store.fair_leave(&name, &token.to_string()).await?;
@@ -523,7 +538,8 @@ impl LockEngine {
                     Err(LockError::NotOwner(_)) => return, // the lost attempt granted nothing
                     Err(error) => {
                         if Instant::now() + backoff >= give_up {
-                            warn!(lock = %name, %error, "could not release what an acquire that lost its answer may have granted; if it did, the lock frees at lease end");
+                            // Redis was away all along; its outage is logged already.
+                            debug!(lock = %name, %error, "could not release what an acquire that lost its answer may have granted; if it did, the lock frees at lease end");
                             return;
                         }
                         tokio::time::sleep(backoff).await;
