@@ -441,11 +441,11 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
     );
 }
 
-/// How many SCRIPT LOAD calls Redis has served since it started (Redis 7 counts the
-/// subcommand on its own line, Redis 6 every SCRIPT call on one).
 /// src/lock/*.lua, the prelude aside.
 const LOCK_SCRIPTS: u64 = 9;
 
+/// How many SCRIPT LOAD calls Redis has served since it started (Redis 7 counts the
+/// subcommand on its own line, Redis 6 every SCRIPT call on one).
 async fn script_loads(redis: &Client) -> u64 {
     command_calls(redis, "script|load")
         .await

@@ -199,8 +199,34 @@ pub struct LockEngine {
 /// How many grants whose answer was lost may be given back in the background at once.
 const MAX_DISOWNING: usize = 1024;
 
-/// First pause before `settle` asks Redis again while it is unavailable (doubling to 1 s).
+/// First pause before `settle` or `disown` tries Redis again while it is unavailable
+/// (doubling to 1 s).
 const SETTLE_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The pauses between retries while Redis is unavailable, up to a deadline.
+struct Backoff {
+    next: Duration,
+    give_up: Instant,
+}
+
+impl Backoff {
+    fn until(give_up: Instant) -> Self {
+        Self {
+            next: SETTLE_BACKOFF,
+            give_up,
+        }
+    }
+
+    /// Sleeps before the next try; false (at once) when that try would come after `give_up`.
+    async fn pause(&mut self) -> bool {
+        if Instant::now() + self.next >= self.give_up {
+            return false;
+        }
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Duration::from_secs(1));
+        true
+    }
+}
 
 /// Slack added to a holder's TTL before retrying, so the retry lands after the lease ended
 /// even with Redis' millisecond rounding.
@@ -519,7 +545,7 @@ impl LockEngine {
             return;
         };
         let (engine, name, fair) = (self.clone(), req.name.clone(), req.fair);
-        let give_up = Instant::now() + req.lease.get();
+        let mut retry = Backoff::until(Instant::now() + req.lease.get());
         tokio::spawn(async move {
             let _permit = permit;
             let give_back = || async {
@@ -528,7 +554,6 @@ impl LockEngine {
                 }
                 engine.release(&name, token).await
             };
-            let mut backoff = SETTLE_BACKOFF;
             loop {
                 match give_back().await {
                     Ok(_) => {
@@ -537,13 +562,11 @@ impl LockEngine {
                     }
                     Err(LockError::NotOwner(_)) => return, // the lost attempt granted nothing
                     Err(error) => {
-                        if Instant::now() + backoff >= give_up {
+                        if !retry.pause().await {
                             // Redis was away all along; its outage is logged already.
                             debug!(lock = %name, %error, "could not release what an acquire that lost its answer may have granted; if it did, the lock frees at lease end");
                             return;
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 }
             }
@@ -680,8 +703,7 @@ impl LockEngine {
     /// candidate left meanwhile), None when it did not (or it could not be learned).
     async fn settle(&self, name: &LockName, offer: Offer, from: Token) -> Option<Step> {
         let to = offer.candidate.token;
-        let give_up = Instant::now() + offer.candidate.lease.get();
-        let mut backoff = SETTLE_BACKOFF;
+        let mut retry = Backoff::until(Instant::now() + offer.candidate.lease.get());
         loop {
             match self.store.handed_to(name, to, from).await {
                 Ok(Some(granted)) => return Some(Step::handed(offer, granted)),
@@ -691,13 +713,11 @@ impl LockEngine {
                 }
                 Err(error) => {
                     let error = self.store_error("handed", error);
-                    if Instant::now() + backoff >= give_up {
+                    if !retry.pause().await {
                         warn!(lock = %name, %error, "could not learn whether a release handed the lock to a waiter of this process; if it did, the lock frees at lease end");
                         offer.decline();
                         return None;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }

@@ -226,23 +226,21 @@ impl LockStore {
         };
         let scripts = Arc::new(store.scripts());
         // Registered before connecting, so the first connection's events are not missed.
-        let errors = store.pool.clients().iter().map(|client| {
-            let connection_error = store.connection_error.clone();
-            AbortOnDropHandle::new(client.on_error(move |(error, _server)| {
-                *connection_error
+        for client in store.pool.clients() {
+            let failed = store.connection_error.clone();
+            let errors = client.on_error(move |(error, _server)| {
+                *failed
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error.to_string());
                 std::future::ready(Ok(()))
-            }))
-        });
-        store._listeners = errors.collect();
-        let reloads = store.pool.clients().iter().map(|client| {
-            let (loader, scripts) = (client.clone(), scripts.clone());
-            let connection_error = store.connection_error.clone();
-            AbortOnDropHandle::new(client.on_reconnect(move |_server| {
-                *connection_error
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+            });
+            let (loader, scripts, failed) = (
+                client.clone(),
+                scripts.clone(),
+                store.connection_error.clone(),
+            );
+            let reloads = client.on_reconnect(move |_server| {
+                *failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
                 let (client, scripts) = (loader.clone(), scripts.clone());
                 async move {
                     for script in scripts.iter() {
@@ -253,9 +251,10 @@ impl LockStore {
                     }
                     Ok(())
                 }
-            }))
-        });
-        store._listeners.extend(reloads);
+            });
+            store._listeners.push(AbortOnDropHandle::new(errors));
+            store._listeners.push(AbortOnDropHandle::new(reloads));
+        }
         store.pool.connect_pool();
         Ok(store)
     }
