@@ -760,6 +760,70 @@ async fn an_acquire_whose_answer_a_dropped_connection_lost_still_gets_its_grant(
     }
 }
 
+/// The same fault on the calls that count holds: a re-entry, a Release of one of two holds,
+/// and the last Release, each losing its answer to a dropped connection, so latchkey sends it
+/// again. Each must count once. A Release counted twice frees the lock while its holder still
+/// holds it once (someone else may take it); a re-entry counted twice keeps it held after the
+/// holder's last Release; and the last Release, run again, would answer "not held".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once() {
+    const NAME: &str = "orders/reentrant";
+    let redis = RedisServer::start();
+    let link = Link::to(redis.port).await;
+    let mut config = test_config(&redis);
+    config.redis.redis_url = link.url();
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+    let granted = c
+        .acquire(acquire(NAME, secs(60), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(granted.acquired);
+
+    let cuts = link.cuts();
+    link.lose_answer_to("EVALSHA");
+    let reentered = c
+        .acquire(pb::AcquireRequest {
+            token: granted.token.clone(),
+            ..acquire(NAME, secs(60), Duration::ZERO)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(link.cuts(), cuts + 1, "the link dropped no answer");
+    assert!(reentered.acquired && reentered.fence == granted.fence);
+    assert_eq!(reentered.hold_count, 2, "the re-entry was counted twice");
+    assert_eq!(inspect(&c, NAME).await.hold_count, 2);
+
+    let release = || pb::ReleaseRequest {
+        name: NAME.into(),
+        token: granted.token.clone(),
+    };
+    link.lose_answer_to("EVALSHA");
+    let once = c.release(release()).await.unwrap().into_inner();
+    assert_eq!(link.cuts(), cuts + 2, "the link dropped no answer");
+    assert!(
+        !once.released && once.hold_count == 1,
+        "the release of one of two holds was counted twice: {once:?}"
+    );
+    let state = inspect(&c, NAME).await;
+    assert!(state.held && state.hold_count == 1, "{state:?}");
+
+    link.lose_answer_to("EVALSHA");
+    let last = c.release(release()).await;
+    assert_eq!(link.cuts(), cuts + 3, "the link dropped no answer");
+    let last = last
+        .expect("the last release, run again, must answer as it did the first time")
+        .into_inner();
+    assert!(last.released && last.hold_count == 0, "{last:?}");
+    assert!(!inspect(&c, NAME).await.held);
+
+    // A second Release of its own (not a repeat) is still told the lock is not held.
+    let again = c.release(release()).await.expect_err("the lock is free");
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+}
+
 /// Redis stalls (CLIENT PAUSE) past the acquire's Redis timeout: the caller hears
 /// UNAVAILABLE, but Redis runs the acquire script once the pause ends and grants the lock to a
 /// token nobody was ever told. latchkey must give that grant back, not leave the lock dead for

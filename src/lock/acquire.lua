@@ -9,6 +9,8 @@
 -- ARGV[4]  linger in ms
 -- ARGV[5]  waiter id, or '' when the caller does not wait
 -- ARGV[6]  ms until the waiter's deadline (ignored without a waiter id)
+-- ARGV[7]  op: a fresh id per re-entry ('' otherwise); a repeat of the same re-entry (its
+--          answer lost with a dropped connection) finds it and is not counted again
 --
 -- Returns
 --   {1, fence, holds, lease_ms}   granted (fresh, or re-entered with the same fence; run again
@@ -22,16 +24,17 @@
 
 local lock_key, waiters_key = KEYS[1], KEYS[2]
 local token, reenter, lease_ms, linger_ms = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
-local waiter, wait_ms = ARGV[5], tonumber(ARGV[6])
+local waiter, wait_ms, op = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 
 local now_ms, now_us = redis_now()
-local owner, holds, fence, until_ms, live = read_lock(lock_key, now_ms)
+local owner, holds, fence, until_ms, live, last_op = read_lock(lock_key, now_ms)
 
 if reenter then
   local why = ownership(owner, live, token)
   if why ~= 0 then return {why} end
+  if last_op == op then return {1, fence, holds, until_ms - now_ms} end
   holds = holds + 1
-  redis.call('HSET', lock_key, 'holds', holds, 'until', int(now_ms + lease_ms))
+  redis.call('HSET', lock_key, 'holds', holds, 'until', int(now_ms + lease_ms), 'op', op)
   redis.call('PEXPIRE', lock_key, lease_ms + linger_ms)
   return {1, fence, holds, lease_ms}
 end
@@ -62,7 +65,7 @@ end
 
 fence = math.max(fence + 1, now_us)
 redis.call('HSET', lock_key, 'owner', token, 'holds', 1, 'fence', int(fence), 'until', int(now_ms + lease_ms))
-redis.call('HDEL', lock_key, 'from')
+redis.call('HDEL', lock_key, 'from', 'op')
 redis.call('PEXPIRE', lock_key, lease_ms + linger_ms)
 if waiter ~= '' then
   redis.call('ZREM', waiters_key, waiter)

@@ -7,6 +7,11 @@
 --   until  Redis time, in ms, at which the owner's lease ends
 --   from   the token of the release that handed the lock to its owner (release.lua); absent
 --          when the owner took the lock itself, so handed.lua can tell the two apart
+--   op     the id of the latest call that changed the hold count without a new grant: a
+--          re-entry, a release that left holds, or the release that freed the lock (kept while
+--          the freed hash lingers). fred sends a command again when a dropped connection caught
+--          it; the repeat carries the same id and is answered as the first run was, instead of
+--          counting twice. Absent on a lock held once since it was granted.
 -- The hash itself expires `linger` ms after the lease ends. While it lingers, a late Release or
 -- Extend by the old owner is answered "expired", and `fence` keeps the next grant above it.
 --
@@ -19,12 +24,13 @@ local function redis_now()
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
--- Returns owner (false when none), holds, fence, until_ms, and whether the lease is live.
+-- Returns owner (false when none), holds, fence, until_ms, whether the lease is live, and the
+-- latest op (false when none).
 local function read_lock(key, now_ms)
-  local h = redis.call('HMGET', key, 'owner', 'holds', 'fence', 'until')
+  local h = redis.call('HMGET', key, 'owner', 'holds', 'fence', 'until', 'op')
   local owner, until_ms = h[1], tonumber(h[4]) or 0
   local live = owner and until_ms > now_ms
-  return owner, tonumber(h[2]) or 0, tonumber(h[3]) or 0, until_ms, live
+  return owner, tonumber(h[2]) or 0, tonumber(h[3]) or 0, until_ms, live, h[5]
 end
 
 -- Whether `token` may act on the lock: 0 it owns it; -1 not held; -2 held by another owner;
@@ -60,8 +66,12 @@ end
 
 -- Frees a held lock but keeps its fence for `linger` ms, then tells waiters: the head of the
 -- fair queue by name ('w:' .. id, so only it wakes), or else anyone ('released' / 'forced').
-local function free_lock(key, waiters_key, queue_key, now_ms, linger_ms, channel, why)
-  redis.call('HDEL', key, 'owner', 'holds', 'until', 'from')
+-- `op`: the freeing release's id, kept while the hash lingers (nil for a forced release).
+local function free_lock(key, waiters_key, queue_key, now_ms, linger_ms, channel, why, op)
+  redis.call('HDEL', key, 'owner', 'holds', 'until', 'from', 'op')
+  if op and linger_ms > 0 then
+    redis.call('HSET', key, 'op', op)
+  end
   redis.call('PEXPIRE', key, linger_ms)
   local head = fair_head(queue_key, waiters_key, now_ms)
   if head then

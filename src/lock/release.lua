@@ -11,6 +11,7 @@
 -- ARGV[5]  the candidate's lease in ms
 -- ARGV[6]  'fair' if the candidate queued fairly, 'plain' otherwise
 -- ARGV[7]  how many plain waiters the caller's process has on this lock (candidate included)
+-- ARGV[8]  op: a fresh id per Release; a repeat of the same command carries the same one
 --
 -- The hand-off keeps every promise a free-for-all would: a fair candidate gets the lock only if
 -- it is the first live waiter of the queue; a plain one only if no fair waiter queues and every
@@ -23,18 +24,28 @@
 --   {2, fence, lease_ms, queued_at}  handed to the candidate, with this fence and lease
 --   {0, holds_left}                  still held by the same owner
 --   {-1} / {-2} / {-3}               not held / held by another owner / expired; nothing changed
+--
+-- The same command run again (its answer lost with a dropped connection) finds its own op and
+-- answers what its first run did: {0, holds_left}, or {1, 0} once it freed the lock. A repeat
+-- of a hand-off finds another owner, as before (settled by handed.lua); so does a repeat of a
+-- freeing release after someone else took the lock (a new grant drops the op).
 
 local lock_key, waiters_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
 local token, linger_ms, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local candidate, candidate_lease_ms = ARGV[4], tonumber(ARGV[5])
+local candidate, candidate_lease_ms, op = ARGV[4], tonumber(ARGV[5]), ARGV[8]
 local now_ms, now_us = redis_now()
-local owner, holds, fence, _, live = read_lock(lock_key, now_ms)
+local owner, holds, fence, _, live, last_op = read_lock(lock_key, now_ms)
+
+if last_op == op then
+  if owner == token and live then return {0, holds} end
+  if not owner then return {1, 0} end
+end
 
 local why = ownership(owner, live, token)
 if why ~= 0 then return {why} end
 
 if holds > 1 then
-  redis.call('HSET', lock_key, 'holds', holds - 1)
+  redis.call('HSET', lock_key, 'holds', holds - 1, 'op', op)
   return {0, holds - 1}
 end
 
@@ -56,10 +67,13 @@ if candidate ~= '' then
     fence = math.max(fence + 1, now_us)
     redis.call('HSET', lock_key, 'owner', candidate, 'holds', 1, 'fence', int(fence),
       'until', int(now_ms + candidate_lease_ms), 'from', token)
+    if last_op then
+      redis.call('HDEL', lock_key, 'op')
+    end
     redis.call('PEXPIRE', lock_key, candidate_lease_ms + linger_ms)
     return {2, fence, candidate_lease_ms, queued_at}
   end
 end
 
-free_lock(lock_key, waiters_key, queue_key, now_ms, linger_ms, channel, 'released')
+free_lock(lock_key, waiters_key, queue_key, now_ms, linger_ms, channel, 'released', op)
 return {1, 0}

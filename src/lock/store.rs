@@ -313,6 +313,7 @@ impl LockStore {
                     self.linger_ms.to_string(),
                     waiter_id.to_owned(),
                     wait_ms.to_string(),
+                    if reenter { op_id() } else { String::new() },
                 ],
             )
             .await?;
@@ -409,6 +410,7 @@ impl LockStore {
                     lease_ms,
                     kind.to_owned(),
                     plain_waiters,
+                    op_id(),
                 ],
             )
             .await?;
@@ -690,4 +692,11 @@ fn to_u64(n: i64) -> u64 {
 
 fn to_u32(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A fresh id for one call that changes a hold count (a re-entry or a release; `op` in
+/// prelude.lua). fred sends a command again, with the same arguments, when a dropped connection
+/// caught it; the id lets the script tell that repeat from a second call and count it once.
+fn op_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
