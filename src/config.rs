@@ -136,6 +136,14 @@ pub struct LockConfig {
     /// 4/3 of this after the death: 2s by default.
     #[arg(long, env = "LATCHKEY_FAIR_WAITER_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
     pub fair_waiter_timeout: Duration,
+
+    /// Most lost grants given back at once. An Acquire that timed out on a stalled Redis may
+    /// still be run by it later, granting the lock to a token nobody was told; latchkey
+    /// releases that grant in the background, retrying for at most its lease. In a long outage
+    /// every failing Acquire starts one; past this many, such a grant frees at its lease's end.
+    #[arg(long, env = "LATCHKEY_MAX_LOST_GRANT_RELEASES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_lost_grant_releases: u32,
 }
 
 #[derive(Debug, Clone, Args)]

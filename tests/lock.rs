@@ -878,6 +878,63 @@ async fn an_acquire_that_lost_its_answer_to_a_stalled_redis_leaves_no_lock_behin
     }
 }
 
+/// In a long outage every failing Acquire would start a background release of what it may
+/// have granted, each retrying for its whole lease: `max_lost_grant_releases` caps them. With
+/// the cap at 2, four Acquires lose their answers to one stall at the same time. Redis runs
+/// all four once the stall ends; two of the locks are given back at once, the other two stay
+/// taken by their lost grants until the lease ends, as a crashed holder's would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_grants_past_max_lost_grant_releases_free_at_lease_end() {
+    const NAMES: [&str; 4] = ["capped/a", "capped/b", "capped/c", "capped/d"];
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.redis.redis_timeout = ms(300);
+    config.locks.max_lost_grant_releases = 2;
+    let connections = config.redis.redis_pool_size;
+    let server = Latchkey::start_with(config).await;
+    let c = server.locks().await;
+    let admin = redis.client().await;
+    wait_for_script_loads(&admin, connections).await;
+
+    // The two releases that get a permit keep it, retrying, until the stall ends, long after
+    // all four Acquires failed (at 300 ms).
+    let _: () = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "2500"])
+        .await
+        .expect("CLIENT PAUSE");
+    let mut acquires = tokio::task::JoinSet::new();
+    for name in NAMES {
+        let mut c = c.clone();
+        acquires.spawn(async move {
+            let result = c.acquire(acquire(name, secs(60), Duration::ZERO)).await;
+            (name, result)
+        });
+    }
+    while let Some(joined) = acquires.join_next().await {
+        let (name, result) = joined.expect("the acquire task");
+        let status = result.expect_err("Redis is paused past the acquire's timeout");
+        assert_eq!(status.code(), Code::Unavailable, "{name}: {status:?}");
+    }
+
+    let held = || async {
+        let mut held = 0;
+        for name in NAMES {
+            if redis_grants(&admin, name).await == 0 {
+                return None; // Redis has not run this acquire yet
+            }
+            held += usize::from(inspect_if_up(&c, name).await?.held);
+        }
+        Some(held)
+    };
+    wait_until(secs(10), || async { held().await == Some(2) }).await;
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!(
+        held().await,
+        Some(2),
+        "past the cap, a lost grant holds its lock until the lease ends"
+    );
+}
+
 /// The fence Redis last granted `name` under (0 before the first grant): it moves with every
 /// grant, whoever was told of it.
 async fn redis_grants(redis: &Client, name: &str) -> u64 {

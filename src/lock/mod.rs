@@ -192,12 +192,10 @@ pub struct LockEngine {
     fair_alive: Duration,
     /// Caps on waiting callers.
     admission: admission::Admission,
-    /// Bounds the background releases of grants whose answer was lost (see `disown`).
+    /// Bounds the background releases of grants whose answer was lost (see `disown`):
+    /// `max_lost_grant_releases` permits.
     disowning: Arc<Semaphore>,
 }
-
-/// How many grants whose answer was lost may be given back in the background at once.
-const MAX_DISOWNING: usize = 1024;
 
 /// First pause before `settle` or `disown` tries Redis again while it is unavailable
 /// (doubling to 1 s).
@@ -248,7 +246,7 @@ impl LockEngine {
             fair: Arc::default(),
             fair_alive,
             admission: admission::Admission::new(limits.max_waiters_per_name, limits.max_waiters),
-            disowning: Arc::new(Semaphore::new(MAX_DISOWNING)),
+            disowning: Arc::new(Semaphore::new(limits.max_lost_grant_releases as usize)),
         });
         tokio::spawn(fair::refresh(Arc::downgrade(&engine), fair_alive));
         engine
@@ -536,7 +534,7 @@ impl LockEngine {
     /// never left this process, so this releases nothing a caller holds; Redis runs the release
     /// after the lost attempt, both going over the lock's connection in order.
     ///
-    /// At most `MAX_DISOWNING` of these run at once: in a long Redis outage every failing
+    /// At most `max_lost_grant_releases` of these run at once: in a long Redis outage every failing
     /// Acquire would start one, each retrying for its whole lease. Past that, such a lock frees
     /// at the end of its lease, as every lock of a crashed holder does.
     fn disown(self: &Arc<Self>, req: &AcquireRequest, token: Token) {
