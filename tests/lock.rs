@@ -824,6 +824,45 @@ async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once
     assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
 }
 
+/// The on-call person force-releases a stuck lock and the answer is lost to a dropped
+/// connection; run again, the ForceRelease must still say it freed the lock, not "was not
+/// held", which would send them looking for a lock that was never stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_the_lock() {
+    const NAME: &str = "orders/stuck";
+    let redis = RedisServer::start();
+    let link = Link::to(redis.port).await;
+    let mut config = test_config(&redis);
+    config.redis.redis_url = link.url();
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+    let held = c
+        .acquire(acquire(NAME, secs(60), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+
+    let cuts = link.cuts();
+    link.lose_answer_to("EVALSHA");
+    let forced = c
+        .force_release(pb::ForceReleaseRequest { name: NAME.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(link.cuts(), cuts + 1, "the link dropped no answer");
+    assert!(forced.released, "told the lock was not held");
+    assert!(!inspect(&c, NAME).await.held);
+
+    // A ForceRelease of its own on the free lock still says it was not held.
+    let again = c
+        .force_release(pb::ForceReleaseRequest { name: NAME.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.released);
+}
+
 /// Redis stalls (CLIENT PAUSE) past the acquire's Redis timeout: the caller hears
 /// UNAVAILABLE, but Redis runs the acquire script once the pause ends and grants the lock to a
 /// token nobody was ever told. latchkey must give that grant back, not leave the lock dead for

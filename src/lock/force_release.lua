@@ -5,11 +5,16 @@
 -- KEYS[3]  PREFIX:{name}:queue
 -- ARGV[1]  linger in ms
 -- ARGV[2]  unlock channel, PREFIX:{name}:unlock
+-- ARGV[3]  op: a fresh id per ForceRelease; a repeat of the same command carries the same one
 --
--- Returns 1 when the lock was held and is free now, 0 when it was not held.
+-- Returns 1 when the lock was held and is free now, 0 when it was not held. The same command
+-- run again (its answer lost with a dropped connection) finds its own op and answers 1 again.
 
 local now_ms = redis_now()
-local _, _, _, _, live = read_lock(KEYS[1], now_ms)
-if not live then return 0 end
-free_lock(KEYS[1], KEYS[2], KEYS[3], now_ms, tonumber(ARGV[1]), ARGV[2], 'forced')
+local _, _, _, _, live, last_op = read_lock(KEYS[1], now_ms)
+if not live then
+  if last_op == ARGV[3] then return 1 end
+  return 0
+end
+free_lock(KEYS[1], KEYS[2], KEYS[3], now_ms, tonumber(ARGV[1]), ARGV[2], 'forced', ARGV[3])
 return 1

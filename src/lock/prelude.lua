@@ -8,8 +8,8 @@
 --   from   the token of the release that handed the lock to its owner (release.lua); absent
 --          when the owner took the lock itself, so handed.lua can tell the two apart
 --   op     the id of the latest call that changed the hold count without a new grant: a
---          re-entry, a release that left holds, or the release that freed the lock (kept while
---          the freed hash lingers). fred sends a command again when a dropped connection caught
+--          re-entry, a release that left holds, or the release or ForceRelease that freed the
+--          lock (kept while the freed hash lingers). fred sends a command again when a dropped connection caught
 --          it; the repeat carries the same id and is answered as the first run was, instead of
 --          counting twice. Absent on a lock held once since it was granted.
 -- The hash itself expires `linger` ms after the lease ends. While it lingers, a late Release or
@@ -66,7 +66,7 @@ end
 
 -- Frees a held lock but keeps its fence for `linger` ms, then tells waiters: the head of the
 -- fair queue by name ('w:' .. id, so only it wakes), or else anyone ('released' / 'forced').
--- `op`: the freeing release's id, kept while the hash lingers (nil for a forced release).
+-- `op`: the id of the freeing call (a release, a ForceRelease), kept while the hash lingers.
 local function free_lock(key, waiters_key, queue_key, now_ms, linger_ms, channel, why, op)
   redis.call('HDEL', key, 'owner', 'holds', 'until', 'from', 'op')
   if op and linger_ms > 0 then

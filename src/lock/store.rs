@@ -489,7 +489,7 @@ impl LockStore {
                 name,
                 &self.force_release,
                 vec![keys.lock, keys.waiters, keys.queue],
-                vec![self.linger_ms.to_string(), keys.channel],
+                vec![self.linger_ms.to_string(), keys.channel, op_id()],
             )
             .await?;
         Ok(released == 1)
@@ -694,8 +694,8 @@ fn to_u32(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// A fresh id for one call that changes a hold count (a re-entry or a release; `op` in
-/// prelude.lua). fred sends a command again, with the same arguments, when a dropped connection
+/// A fresh id for one call that changes a hold count (a re-entry, a release, a ForceRelease;
+/// `op` in prelude.lua). fred sends a command again, with the same arguments, when a dropped connection
 /// caught it; the id lets the script tell that repeat from a second call and count it once.
 fn op_id() -> String {
     format!("{:016x}", rand::random::<u64>())
