@@ -712,11 +712,7 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
 /// its own grant, the caller would walk away and leave the lock dead until the lease ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_whose_answer_a_dropped_connection_lost_still_gets_its_grant() {
-    let redis = RedisServer::start();
-    let link = Link::to(redis.port).await;
-    let mut config = test_config(&redis);
-    config.redis.redis_url = link.url();
-    let server = Latchkey::start_with(config).await;
+    let (_redis, link, server) = latchkey_behind_a_link().await;
     let mut c = server.locks().await;
 
     let cases = [
@@ -726,18 +722,18 @@ async fn an_acquire_whose_answer_a_dropped_connection_lost_still_gets_its_grant(
         ("orders/fair-wait", true, secs(20)),
     ];
     for (name, fair, wait) in cases {
-        let cuts = link.cuts();
-        link.lose_answer_to("EVALSHA");
         let started = Instant::now();
-        let granted = c
-            .acquire(pb::AcquireRequest {
-                fair,
-                ..acquire(name, secs(60), wait)
-            })
+        let granted = link
+            .losing_answer_to(
+                "EVALSHA",
+                c.acquire(pb::AcquireRequest {
+                    fair,
+                    ..acquire(name, secs(60), wait)
+                }),
+            )
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(link.cuts(), cuts + 1, "{name}: the link dropped no answer");
         assert!(
             granted.acquired,
             "{name}: told busy by its own grant (after {:?})",
@@ -768,11 +764,7 @@ async fn an_acquire_whose_answer_a_dropped_connection_lost_still_gets_its_grant(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once() {
     const NAME: &str = "orders/reentrant";
-    let redis = RedisServer::start();
-    let link = Link::to(redis.port).await;
-    let mut config = test_config(&redis);
-    config.redis.redis_url = link.url();
-    let server = Latchkey::start_with(config).await;
+    let (_redis, link, server) = latchkey_behind_a_link().await;
     let mut c = server.locks().await;
     let granted = c
         .acquire(acquire(NAME, secs(60), Duration::ZERO))
@@ -781,17 +773,17 @@ async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once
         .into_inner();
     assert!(granted.acquired);
 
-    let cuts = link.cuts();
-    link.lose_answer_to("EVALSHA");
-    let reentered = c
-        .acquire(pb::AcquireRequest {
-            token: granted.token.clone(),
-            ..acquire(NAME, secs(60), Duration::ZERO)
-        })
+    let reentered = link
+        .losing_answer_to(
+            "EVALSHA",
+            c.acquire(pb::AcquireRequest {
+                token: granted.token.clone(),
+                ..acquire(NAME, secs(60), Duration::ZERO)
+            }),
+        )
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(link.cuts(), cuts + 1, "the link dropped no answer");
     assert!(reentered.acquired && reentered.fence == granted.fence);
     assert_eq!(reentered.hold_count, 2, "the re-entry was counted twice");
     assert_eq!(inspect(&c, NAME).await.hold_count, 2);
@@ -800,9 +792,11 @@ async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once
         name: NAME.into(),
         token: granted.token.clone(),
     };
-    link.lose_answer_to("EVALSHA");
-    let once = c.release(release()).await.unwrap().into_inner();
-    assert_eq!(link.cuts(), cuts + 2, "the link dropped no answer");
+    let once = link
+        .losing_answer_to("EVALSHA", c.release(release()))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(
         !once.released && once.hold_count == 1,
         "the release of one of two holds was counted twice: {once:?}"
@@ -810,10 +804,9 @@ async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once
     let state = inspect(&c, NAME).await;
     assert!(state.held && state.hold_count == 1, "{state:?}");
 
-    link.lose_answer_to("EVALSHA");
-    let last = c.release(release()).await;
-    assert_eq!(link.cuts(), cuts + 3, "the link dropped no answer");
-    let last = last
+    let last = link
+        .losing_answer_to("EVALSHA", c.release(release()))
+        .await
         .expect("the last release, run again, must answer as it did the first time")
         .into_inner();
     assert!(last.released && last.hold_count == 0, "{last:?}");
@@ -830,11 +823,7 @@ async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_the_lock() {
     const NAME: &str = "orders/stuck";
-    let redis = RedisServer::start();
-    let link = Link::to(redis.port).await;
-    let mut config = test_config(&redis);
-    config.redis.redis_url = link.url();
-    let server = Latchkey::start_with(config).await;
+    let (_redis, link, server) = latchkey_behind_a_link().await;
     let mut c = server.locks().await;
     let held = c
         .acquire(acquire(NAME, secs(60), Duration::ZERO))
@@ -843,14 +832,14 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
         .into_inner();
     assert!(held.acquired);
 
-    let cuts = link.cuts();
-    link.lose_answer_to("EVALSHA");
-    let forced = c
-        .force_release(pb::ForceReleaseRequest { name: NAME.into() })
+    let forced = link
+        .losing_answer_to(
+            "EVALSHA",
+            c.force_release(pb::ForceReleaseRequest { name: NAME.into() }),
+        )
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(link.cuts(), cuts + 1, "the link dropped no answer");
     assert!(forced.released, "told the lock was not held");
     assert!(!inspect(&c, NAME).await.held);
 
@@ -972,6 +961,17 @@ async fn lost_grants_past_max_lost_grant_releases_free_at_lease_end() {
         Some(2),
         "past the cap, a lost grant holds its lock until the lease ends"
     );
+}
+
+/// latchkey with all its Redis connections through a `Link`, so a test can lose the answer to
+/// a command Redis ran. The Redis server stops when the first value is dropped.
+async fn latchkey_behind_a_link() -> (RedisServer, Link, Latchkey) {
+    let redis = RedisServer::start();
+    let link = Link::to(redis.port).await;
+    let mut config = test_config(&redis);
+    config.redis.redis_url = link.url();
+    let server = Latchkey::start_with(config).await;
+    (redis, link, server)
 }
 
 /// The fence Redis last granted `name` under (0 before the first grant): it moves with every

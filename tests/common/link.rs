@@ -65,6 +65,20 @@ impl Link {
     pub fn cuts(&self) -> usize {
         self.cuts.load(Ordering::SeqCst)
     }
+
+    /// Runs `call` with the answer to the next `command` lost (see `lose_answer_to`), and
+    /// checks that the link did drop one: otherwise the test would prove nothing.
+    pub async fn losing_answer_to<T>(&self, command: &str, call: impl Future<Output = T>) -> T {
+        let cuts = self.cuts();
+        self.lose_answer_to(command);
+        let answer = call.await;
+        assert_eq!(
+            self.cuts(),
+            cuts + 1,
+            "the link dropped no answer to {command}"
+        );
+        answer
+    }
 }
 
 async fn relay_one(
