@@ -4,7 +4,9 @@
 //! that still meets NOSCRIPT loads its script itself), so each operation on a lock is atomic in
 //! Redis. All keys and the channel of one lock share the hash tag `{name}`, so a lock lives in
 //! one Redis Cluster slot. All commands for one lock go over the same pooled connection, so
-//! Redis runs them in the order latchkey sent them.
+//! Redis runs them in the order latchkey sent them. A command that a dropped connection caught
+//! is sent again by fred; every script answers that repeat as its first run, never counting a
+//! re-entry, release or force-release twice (the `op` id; see prelude.lua).
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
