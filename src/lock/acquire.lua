@@ -27,7 +27,7 @@ local token, reenter, lease_ms, linger_ms = ARGV[1], ARGV[2] == '1', tonumber(AR
 local waiter, wait_ms, op = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 
 local now_ms, now_us = redis_now()
-local owner, holds, fence, until_ms, live, last_op = read_lock(lock_key, now_ms)
+local owner, holds, fence, until_ms, live, last_op = read_lock(lock_key, now_ms, reenter)
 
 if reenter then
   local why = ownership(owner, live, token)

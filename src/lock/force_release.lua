@@ -11,7 +11,7 @@
 -- run again (its answer lost with a dropped connection) finds its own op and answers 1 again.
 
 local now_ms = redis_now()
-local _, _, _, _, live, last_op = read_lock(KEYS[1], now_ms)
+local _, _, _, _, live, last_op = read_lock(KEYS[1], now_ms, true)
 if not live then
   if last_op == ARGV[3] then return 1 end
   return 0

@@ -9,9 +9,11 @@
 --          when the owner took the lock itself, so handed.lua can tell the two apart
 --   op     the id of the latest call that changed the hold count without a new grant: a
 --          re-entry, a release that left holds, or the release or ForceRelease that freed the
---          lock (kept while the freed hash lingers). fred sends a command again when a dropped connection caught
---          it; the repeat carries the same id and is answered as the first run was, instead of
---          counting twice. Absent on a lock held once since it was granted.
+--          lock (kept while the freed hash lingers). fred sends a command again when a dropped
+--          connection caught it; the repeat carries the same id and is answered as the first
+--          run was, instead of counting twice. Absent on a lock held once since it was granted.
+--          Only the scripts that count holds read it (read_lock's `with_op`): an absent field
+--          costs Redis a scan of the hash.
 -- The hash itself expires `linger` ms after the lease ends. While it lingers, a late Release or
 -- Extend by the old owner is answered "expired", and `fence` keeps the next grant above it.
 --
@@ -24,10 +26,15 @@ local function redis_now()
   return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
--- Returns owner (false when none), holds, fence, until_ms, whether the lease is live, and the
--- latest op (false when none).
-local function read_lock(key, now_ms)
-  local h = redis.call('HMGET', key, 'owner', 'holds', 'fence', 'until', 'op')
+-- Returns owner (false when none), holds, fence, until_ms, whether the lease is live, and, when
+-- asked for `with_op`, the latest op (false when none).
+local function read_lock(key, now_ms, with_op)
+  local h
+  if with_op then
+    h = redis.call('HMGET', key, 'owner', 'holds', 'fence', 'until', 'op')
+  else
+    h = redis.call('HMGET', key, 'owner', 'holds', 'fence', 'until')
+  end
   local owner, until_ms = h[1], tonumber(h[4]) or 0
   local live = owner and until_ms > now_ms
   return owner, tonumber(h[2]) or 0, tonumber(h[3]) or 0, until_ms, live, h[5]

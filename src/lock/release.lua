@@ -34,7 +34,7 @@ local lock_key, waiters_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
 local token, linger_ms, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local candidate, candidate_lease_ms, op = ARGV[4], tonumber(ARGV[5]), ARGV[8]
 local now_ms, now_us = redis_now()
-local owner, holds, fence, _, live, last_op = read_lock(lock_key, now_ms)
+local owner, holds, fence, _, live, last_op = read_lock(lock_key, now_ms, true)
 
 if last_op == op then
   if owner == token and live then return {0, holds} end
