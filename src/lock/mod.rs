@@ -534,9 +534,9 @@ impl LockEngine {
     /// never left this process, so this releases nothing a caller holds; Redis runs the release
     /// after the lost attempt, both going over the lock's connection in order.
     ///
-    /// At most `max_lost_grant_releases` of these run at once: in a long Redis outage every failing
-    /// Acquire would start one, each retrying for its whole lease. Past that, such a lock frees
-    /// at the end of its lease, as every lock of a crashed holder does.
+    /// At most `max_lost_grant_releases` of these run at once: in a long Redis outage every
+    /// failing Acquire would start one, each retrying for its whole lease. Past that, such a
+    /// lock frees at the end of its lease, as every lock of a crashed holder does.
     fn disown(self: &Arc<Self>, req: &AcquireRequest, token: Token) {
         let Ok(permit) = self.disowning.clone().try_acquire_owned() else {
             debug!(lock = %req.name, "too many lost acquire answers being given back; this one frees at lease end if it was granted");

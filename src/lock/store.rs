@@ -697,8 +697,9 @@ fn to_u32(n: i64) -> u32 {
 }
 
 /// A fresh id for one call that changes a hold count (a re-entry, a release, a ForceRelease;
-/// `op` in prelude.lua). fred sends a command again, with the same arguments, when a dropped connection
-/// caught it; the id lets the script tell that repeat from a second call and count it once.
+/// `op` in prelude.lua). fred sends a command again, with the same arguments, when a dropped
+/// connection caught it; the id lets the script tell that repeat from a second call and count
+/// it once.
 fn op_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
