@@ -161,10 +161,7 @@ async fn mutual_exclusion_and_fences_hold_through_redis_crashes_pauses_and_stall
     redis.restart(); // kill -9, then an empty Redis: every lock is lost at once
     tokio::time::sleep(ms(1500)).await;
     let admin = redis.client().await;
-    let _: () = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "600"])
-        .await
-        .unwrap();
+    pause_clients(&admin, 600).await;
     tokio::time::sleep(secs(1)).await;
     let slow = redis.client().await;
     // DEBUG SLEEP blocks Redis itself; answered after 0.6 s.

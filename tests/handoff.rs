@@ -15,7 +15,6 @@ use std::{
 };
 
 use common::{link::Link, *};
-use fred::interfaces::ClientLike;
 use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use tokio::task::JoinSet;
@@ -334,10 +333,7 @@ async fn a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(fair:
     let admin = redis.client().await;
     let (mut holder, held, waiting) = held_with_a_waiter(&server, &admin, name, fair).await;
 
-    let _: () = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1500"])
-        .await
-        .expect("CLIENT PAUSE");
+    pause_clients(&admin, 1500).await;
     let lost = holder
         .release(pb::ReleaseRequest {
             name: name.into(),

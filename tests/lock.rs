@@ -858,16 +858,8 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
 /// its 60 s lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_that_lost_its_answer_to_a_stalled_redis_leaves_no_lock_behind() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
-    config.redis.redis_timeout = ms(300);
-    let connections = config.redis.redis_pool_size;
-    let server = Latchkey::start_with(config).await;
+    let (_redis, server, admin) = latchkey_that_times_out_on_redis(|_| {}).await;
     let mut c = server.locks().await;
-    let admin = redis.client().await;
-    // A script Redis does not have yet when it finally runs the acquire (NOSCRIPT) would make
-    // the acquire never run at all, and this test prove nothing.
-    wait_for_script_loads(&admin, connections).await;
 
     for (name, fair) in [("stalled/fair", true), ("stalled/plain", false)] {
         let request = || pb::AcquireRequest {
@@ -875,10 +867,7 @@ async fn an_acquire_that_lost_its_answer_to_a_stalled_redis_leaves_no_lock_behin
             ..acquire(name, secs(60), Duration::ZERO)
         };
         let grants_before = redis_grants(&admin, name).await;
-        let _: () = admin
-            .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1500"])
-            .await
-            .expect("CLIENT PAUSE");
+        pause_clients(&admin, 1500).await;
         let lost = c
             .acquire(request())
             .await
@@ -914,22 +903,13 @@ async fn an_acquire_that_lost_its_answer_to_a_stalled_redis_leaves_no_lock_behin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_grants_past_max_lost_grant_releases_free_at_lease_end() {
     const NAMES: [&str; 4] = ["capped/a", "capped/b", "capped/c", "capped/d"];
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
-    config.redis.redis_timeout = ms(300);
-    config.locks.max_lost_grant_releases = 2;
-    let connections = config.redis.redis_pool_size;
-    let server = Latchkey::start_with(config).await;
+    let (_redis, server, admin) =
+        latchkey_that_times_out_on_redis(|config| config.locks.max_lost_grant_releases = 2).await;
     let c = server.locks().await;
-    let admin = redis.client().await;
-    wait_for_script_loads(&admin, connections).await;
 
     // The two releases that get a permit keep it, retrying, until the stall ends, long after
     // all four Acquires failed (at 300 ms).
-    let _: () = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "2500"])
-        .await
-        .expect("CLIENT PAUSE");
+    pause_clients(&admin, 2500).await;
     let mut acquires = tokio::task::JoinSet::new();
     for name in NAMES {
         let mut c = c.clone();
@@ -961,6 +941,24 @@ async fn lost_grants_past_max_lost_grant_releases_free_at_lease_end() {
         Some(2),
         "past the cap, a lost grant holds its lock until the lease ends"
     );
+}
+
+/// latchkey that gives up on a Redis command after 300 ms (with `configure` applied), and a
+/// client to stall that Redis with. Returns once every pooled connection has loaded the
+/// scripts: a script Redis does not have yet when it finally runs a late acquire (NOSCRIPT)
+/// would make that acquire never run at all, and a test of late acquires prove nothing.
+async fn latchkey_that_times_out_on_redis(
+    configure: impl FnOnce(&mut latchkey::config::Config),
+) -> (RedisServer, Latchkey, Client) {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.redis.redis_timeout = ms(300);
+    configure(&mut config);
+    let connections = config.redis.redis_pool_size;
+    let server = Latchkey::start_with(config).await;
+    let admin = redis.client().await;
+    wait_for_script_loads(&admin, connections).await;
+    (redis, server, admin)
 }
 
 /// latchkey with all its Redis connections through a `Link`, so a test can lose the answer to

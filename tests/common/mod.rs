@@ -218,6 +218,19 @@ pub async fn command_calls(redis: &fred::prelude::Client, command: &str) -> u64 
         .map_or(0, |calls| calls.parse().expect("a call count"))
 }
 
+/// `CLIENT PAUSE` for `for_ms`: Redis holds every client's commands (latchkey's included)
+/// unanswered until then, as a stalled Redis would. Returns at once.
+pub async fn pause_clients(redis: &fred::prelude::Client, for_ms: u64) {
+    use fred::prelude::ClientLike;
+    let _: () = redis
+        .custom(
+            fred::cmd!("CLIENT"),
+            vec!["PAUSE".to_owned(), for_ms.to_string()],
+        )
+        .await
+        .expect("CLIENT PAUSE");
+}
+
 /// Polls `check` every 20 ms until it holds; panics after `limit`. For test assertions about
 /// eventual state only: latchkey itself never polls.
 pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
