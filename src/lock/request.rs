@@ -65,6 +65,12 @@ impl Token {
         Self(Uuid::new_v4())
     }
 
+    /// The token as `Display` shows it (hyphenated, lower case), written into `buf` (see
+    /// `Uuid::encode_buffer`) without a formatter.
+    pub fn encode(self, buf: &mut [u8]) -> &str {
+        self.0.hyphenated().encode_lower(buf)
+    }
+
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
         if raw.is_empty() {
             return Err(Invalid("is required: the token Acquire returned".into()));

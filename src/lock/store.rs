@@ -15,14 +15,16 @@ use std::{
 };
 
 use fred::{
+    bytes::{BufMut, BytesMut},
     clients::{Client, Pool},
     interfaces::{ClientLike, EventInterface},
     types::{
-        Builder, FromValue,
+        Builder, FromValue, Key, Value,
         config::{Config as FredConfig, ReconnectPolicy},
         scripts::Script,
     },
 };
+use uuid::Uuid;
 
 use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
@@ -117,29 +119,113 @@ pub struct LockState {
     pub waiters: u32,
 }
 
-/// The Redis names of one lock.
-#[derive(Debug, Clone)]
-pub struct LockKeys {
-    pub lock: String,
-    pub waiters: String,
-    /// Fair waiters in join order.
-    pub queue: String,
-    pub channel: String,
+/// The Redis names of one lock, `<prefix>:{<name>}:<suffix>`: its hash (`lock`), its plain
+/// waiters (`waiters`), its fair waiters in join order (`queue`), and the unlock channel
+/// (`unlock`). The braces are the Redis Cluster hash tag.
+mod suffix {
+    pub const LOCK: &str = "lock";
+    pub const WAITERS: &str = "waiters";
+    pub const QUEUE: &str = "queue";
+    pub const CHANNEL: &str = "unlock";
 }
 
-impl LockKeys {
-    pub fn new(prefix: &str, name: &LockName) -> Self {
+fn redis_name_parts<'a>(prefix: &'a str, name: &'a LockName, suffix: &'a str) -> [&'a str; 5] {
+    [prefix, ":{", name.as_str(), "}:", suffix]
+}
+
+fn redis_name(prefix: &str, name: &LockName, suffix: &str) -> String {
+    redis_name_parts(prefix, name, suffix).concat()
+}
+
+fn put_redis_name(buf: &mut BytesMut, prefix: &str, name: &LockName, suffix: &str) {
+    for part in redis_name_parts(prefix, name, suffix) {
+        buf.put_slice(part.as_bytes());
+    }
+}
+
+/// The keys and arguments of one script call on one lock, written into one buffer and handed
+/// to fred as slices of it: one allocation for the lot instead of one or two per value, and
+/// fred's copy of them (kept to send the call again after NOSCRIPT) only counts references.
+/// Keys come first, then arguments, as the script reads them (`KEYS`, then `ARGV`).
+struct ScriptCall<'a> {
+    prefix: &'a str,
+    name: &'a LockName,
+    buf: BytesMut,
+    /// Where each value ends in `buf`.
+    ends: Vec<usize>,
+    keys: usize,
+}
+
+impl<'a> ScriptCall<'a> {
+    fn on(prefix: &'a str, name: &'a LockName) -> Self {
         Self {
-            lock: format!("{prefix}:{{{name}}}:lock"),
-            waiters: format!("{prefix}:{{{name}}}:waiters"),
-            queue: format!("{prefix}:{{{name}}}:queue"),
-            channel: Self::channel(prefix, name),
+            prefix,
+            name,
+            // Enough for the largest call (release: three keys, the channel, two tokens,
+            // four numbers and an op id) without growing.
+            buf: BytesMut::with_capacity(4 * (prefix.len() + name.as_str().len() + 12) + 160),
+            ends: Vec::with_capacity(12),
+            keys: 0,
         }
     }
 
-    /// The unlock channel alone, for callers on a hot path that need no key.
-    pub fn channel(prefix: &str, name: &LockName) -> String {
-        format!("{prefix}:{{{name}}}:unlock")
+    /// One of the lock's keys (`suffix::*`); every key before the first argument.
+    fn key(mut self, suffix: &str) -> Self {
+        debug_assert_eq!(self.keys, self.ends.len(), "keys come before arguments");
+        put_redis_name(&mut self.buf, self.prefix, self.name, suffix);
+        self.keys += 1;
+        self.end()
+    }
+
+    /// The lock's unlock channel, as an argument (scripts publish to it).
+    fn channel(mut self) -> Self {
+        put_redis_name(&mut self.buf, self.prefix, self.name, suffix::CHANNEL);
+        self.end()
+    }
+
+    fn text(mut self, value: &str) -> Self {
+        self.buf.put_slice(value.as_bytes());
+        self.end()
+    }
+
+    fn number(mut self, value: u64) -> Self {
+        self.buf
+            .put_slice(itoa::Buffer::new().format(value).as_bytes());
+        self.end()
+    }
+
+    fn flag(self, on: bool) -> Self {
+        self.text(if on { "1" } else { "0" })
+    }
+
+    fn token(mut self, token: Token) -> Self {
+        self.buf
+            .put_slice(token.encode(&mut Uuid::encode_buffer()).as_bytes());
+        self.end()
+    }
+
+    /// A fresh `op` id (see `op_id`).
+    fn op(mut self) -> Self {
+        self.buf.put_slice(op_id().as_bytes());
+        self.end()
+    }
+
+    fn end(mut self) -> Self {
+        self.ends.push(self.buf.len());
+        self
+    }
+
+    fn into_parts(self) -> (Vec<Key>, Value) {
+        let bytes = self.buf.freeze();
+        let mut start = 0;
+        let mut values = self.ends.iter().map(|&end| {
+            let value = bytes.slice(start..end);
+            start = end;
+            value
+        });
+        let keys = values.by_ref().take(self.keys).map(Key::from).collect();
+        let args = values.map(Value::Bytes).collect();
+        (keys, Value::Array(args))
     }
 }
 
@@ -278,13 +364,13 @@ impl LockStore {
         .collect()
     }
 
-    pub fn keys(&self, name: &LockName) -> LockKeys {
-        LockKeys::new(&self.prefix, name)
+    fn call<'a>(&'a self, name: &'a LockName) -> ScriptCall<'a> {
+        ScriptCall::on(&self.prefix, name)
     }
 
     /// The lock's unlock channel (what local waiters watch).
     pub fn channel(&self, name: &LockName) -> String {
-        LockKeys::channel(&self.prefix, name)
+        redis_name(&self.prefix, name, suffix::CHANNEL)
     }
 
     pub fn pool(&self) -> &Pool {
@@ -301,24 +387,19 @@ impl LockStore {
         lease: Lease,
         waiter: Option<(&str, Duration)>,
     ) -> Result<Attempt, StoreError> {
-        let keys = self.keys(name);
         let (waiter_id, wait_ms) = waiter.map_or(("", 0), |(id, left)| (id, millis(left).max(1)));
-        let reply: Vec<i64> = self
-            .run(
-                name,
-                &self.acquire,
-                vec![keys.lock, keys.waiters],
-                vec![
-                    token.to_string(),
-                    if reenter { "1" } else { "0" }.to_owned(),
-                    lease.millis().to_string(),
-                    self.linger_ms.to_string(),
-                    waiter_id.to_owned(),
-                    wait_ms.to_string(),
-                    if reenter { op_id() } else { String::new() },
-                ],
-            )
-            .await?;
+        let call = self
+            .call(name)
+            .key(suffix::LOCK)
+            .key(suffix::WAITERS)
+            .token(token)
+            .flag(reenter)
+            .number(lease.millis())
+            .number(self.linger_ms)
+            .text(waiter_id)
+            .number(wait_ms);
+        let call = if reenter { call.op() } else { call.text("") };
+        let reply: Vec<i64> = self.run(name, &self.acquire, call).await?;
         match reply.as_slice() {
             [1, fence, holds, lease_ms] => Ok(Attempt::Granted(Granted {
                 fence: to_u64(*fence),
@@ -345,15 +426,8 @@ impl LockStore {
         to: Token,
         from: Token,
     ) -> Result<Option<Granted>, StoreError> {
-        let keys = self.keys(name);
-        let reply: Vec<i64> = self
-            .run(
-                name,
-                &self.handed,
-                vec![keys.lock],
-                vec![to.to_string(), from.to_string()],
-            )
-            .await?;
+        let call = self.call(name).key(suffix::LOCK).token(to).token(from);
+        let reply: Vec<i64> = self.run(name, &self.handed, call).await?;
         match reply.as_slice() {
             [1, fence, holds, lease_ms] => Ok(Some(Granted {
                 fence: to_u64(*fence),
@@ -369,8 +443,8 @@ impl LockStore {
     /// Removes a waiter entry that will not be granted (timed out, cancelled).
     pub async fn leave_waiters(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
         use fred::interfaces::SortedSetsInterface;
-        let keys = self.keys(name);
-        let _: i64 = Box::pin(self.client_for(name).zrem(keys.waiters, waiter_id))
+        let waiters = redis_name(&self.prefix, name, suffix::WAITERS);
+        let _: i64 = Box::pin(self.client_for(name).zrem(waiters, waiter_id))
             .await
             .map_err(|error| self.explained(error))?;
         Ok(())
@@ -385,37 +459,27 @@ impl LockStore {
         hand_off: Option<HandOff>,
         linger: Linger,
     ) -> Result<Result<ReleaseReply, NotOwner>, StoreError> {
-        let keys = self.keys(name);
         let linger_ms = match linger {
             Linger::Keep => self.linger_ms,
             Linger::Drop => 0,
         };
-        let (candidate, lease_ms, kind, plain_waiters) = match hand_off {
-            Some(h) => (
-                h.to.to_string(),
-                h.lease.millis().to_string(),
-                if h.fair { "fair" } else { "plain" },
-                h.plain_waiters.to_string(),
-            ),
-            None => (String::new(), "0".to_owned(), "plain", "0".to_owned()),
+        let call = self
+            .call(name)
+            .key(suffix::LOCK)
+            .key(suffix::WAITERS)
+            .key(suffix::QUEUE)
+            .token(token)
+            .number(linger_ms)
+            .channel();
+        let call = match hand_off {
+            Some(h) => call
+                .token(h.to)
+                .number(h.lease.millis())
+                .text(if h.fair { "fair" } else { "plain" })
+                .number(u64::try_from(h.plain_waiters).unwrap_or(u64::MAX)),
+            None => call.text("").number(0).text("plain").number(0),
         };
-        let reply: Vec<i64> = self
-            .run(
-                name,
-                &self.release,
-                vec![keys.lock, keys.waiters, keys.queue],
-                vec![
-                    token.to_string(),
-                    linger_ms.to_string(),
-                    keys.channel,
-                    candidate,
-                    lease_ms,
-                    kind.to_owned(),
-                    plain_waiters,
-                    op_id(),
-                ],
-            )
-            .await?;
+        let reply: Vec<i64> = self.run(name, &self.release, call.op()).await?;
         match reply.as_slice() {
             [1, _] => Ok(Ok(ReleaseReply::Released(Released::Free))),
             [2, fence, lease_ms, queued_at] => Ok(Ok(ReleaseReply::Handed(Granted {
@@ -440,19 +504,13 @@ impl LockStore {
         token: Token,
         lease: Lease,
     ) -> Result<Result<Duration, NotOwner>, StoreError> {
-        let keys = self.keys(name);
-        let reply: Vec<i64> = self
-            .run(
-                name,
-                &self.extend,
-                vec![keys.lock],
-                vec![
-                    token.to_string(),
-                    lease.millis().to_string(),
-                    self.linger_ms.to_string(),
-                ],
-            )
-            .await?;
+        let call = self
+            .call(name)
+            .key(suffix::LOCK)
+            .token(token)
+            .number(lease.millis())
+            .number(self.linger_ms);
+        let reply: Vec<i64> = self.run(name, &self.extend, call).await?;
         match reply.as_slice() {
             [1, lease_ms] => Ok(Ok(Duration::from_millis(to_u64(*lease_ms)))),
             [code] => NotOwner::from_code(*code)
@@ -463,15 +521,8 @@ impl LockStore {
     }
 
     pub async fn inspect(&self, name: &LockName) -> Result<LockState, StoreError> {
-        let keys = self.keys(name);
-        let reply: Vec<i64> = self
-            .run(
-                name,
-                &self.inspect,
-                vec![keys.lock, keys.waiters],
-                Vec::<String>::new(),
-            )
-            .await?;
+        let call = self.call(name).key(suffix::LOCK).key(suffix::WAITERS);
+        let reply: Vec<i64> = self.run(name, &self.inspect, call).await?;
         match reply.as_slice() {
             [held, fence, ttl_ms, holds, waiters] => Ok(LockState {
                 held: *held == 1,
@@ -485,15 +536,15 @@ impl LockStore {
     }
 
     pub async fn force_release(&self, name: &LockName) -> Result<bool, StoreError> {
-        let keys = self.keys(name);
-        let released: i64 = self
-            .run(
-                name,
-                &self.force_release,
-                vec![keys.lock, keys.waiters, keys.queue],
-                vec![self.linger_ms.to_string(), keys.channel, op_id()],
-            )
-            .await?;
+        let call = self
+            .call(name)
+            .key(suffix::LOCK)
+            .key(suffix::WAITERS)
+            .key(suffix::QUEUE)
+            .number(self.linger_ms)
+            .channel()
+            .op();
+        let released: i64 = self.run(name, &self.force_release, call).await?;
         Ok(released == 1)
     }
 
@@ -508,21 +559,17 @@ impl LockStore {
         joins: bool,
         alive: Duration,
     ) -> Result<(Attempt, u64), StoreError> {
-        let keys = self.keys(name);
-        let reply: Vec<i64> = self
-            .run(
-                name,
-                &self.fair_acquire,
-                vec![keys.lock, keys.waiters, keys.queue],
-                vec![
-                    token.to_string(),
-                    lease.millis().to_string(),
-                    self.linger_ms.to_string(),
-                    if joins { "1" } else { "0" }.to_owned(),
-                    millis(alive).to_string(),
-                ],
-            )
-            .await?;
+        let call = self
+            .call(name)
+            .key(suffix::LOCK)
+            .key(suffix::WAITERS)
+            .key(suffix::QUEUE)
+            .token(token)
+            .number(lease.millis())
+            .number(self.linger_ms)
+            .flag(joins)
+            .number(millis(alive));
+        let reply: Vec<i64> = self.run(name, &self.fair_acquire, call).await?;
         match reply.as_slice() {
             [1, fence, holds, lease_ms, queued_at] => Ok((
                 Attempt::Granted(Granted {
@@ -551,33 +598,28 @@ impl LockStore {
         waiter_ids: &[String],
         alive: Duration,
     ) -> Result<Option<String>, StoreError> {
-        let keys = self.keys(name);
-        let mut args = Vec::with_capacity(waiter_ids.len() + 1);
-        args.push(millis(alive).to_string());
-        args.extend(waiter_ids.iter().cloned());
-        let head: Option<String> = self
-            .run(
-                name,
-                &self.fair_refresh,
-                vec![keys.lock, keys.waiters, keys.queue],
-                args,
-            )
-            .await?;
+        let call = self
+            .call(name)
+            .key(suffix::LOCK)
+            .key(suffix::WAITERS)
+            .key(suffix::QUEUE)
+            .number(millis(alive));
+        let call = waiter_ids.iter().fold(call, |call, id| call.text(id));
+        let head: Option<String> = self.run(name, &self.fair_refresh, call).await?;
         Ok(head)
     }
 
     /// Takes a fair waiter out of the queue (timed out, cancelled), telling the next in line
     /// if the lock is free.
     pub async fn fair_leave(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
-        let keys = self.keys(name);
-        let _: i64 = self
-            .run(
-                name,
-                &self.fair_leave,
-                vec![keys.lock, keys.waiters, keys.queue],
-                vec![waiter_id.to_owned(), keys.channel],
-            )
-            .await?;
+        let call = self
+            .call(name)
+            .key(suffix::LOCK)
+            .key(suffix::WAITERS)
+            .key(suffix::QUEUE)
+            .text(waiter_id)
+            .channel();
+        let _: i64 = self.run(name, &self.fair_leave, call).await?;
         Ok(())
     }
 
@@ -599,9 +641,9 @@ impl LockStore {
         &self,
         name: &LockName,
         script: &Script,
-        keys: Vec<String>,
-        args: Vec<String>,
+        call: ScriptCall<'_>,
     ) -> Result<R, fred::error::Error> {
+        let (keys, args) = call.into_parts();
         Box::pin(script.evalsha_with_reload(self.client_for(name), keys, args))
             .await
             .map_err(|error| self.explained(error))
@@ -702,4 +744,70 @@ fn to_u32(n: i64) -> u32 {
 /// it once.
 fn op_id() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn name(raw: &str) -> LockName {
+        let limits = Config::for_redis("127.0.0.1:0".parse().unwrap(), "redis://127.0.0.1:1").locks;
+        LockName::parse(raw.to_owned(), &limits).unwrap()
+    }
+
+    fn text(value: &[u8]) -> &str {
+        std::str::from_utf8(value).unwrap()
+    }
+
+    #[test]
+    fn a_script_call_sends_each_key_and_argument_as_its_own_value_empty_ones_included() {
+        let name = name("orders/é");
+        let token = Token::generate();
+        let (keys, args) = ScriptCall::on("lk", &name)
+            .key(suffix::LOCK)
+            .key(suffix::QUEUE)
+            .token(token)
+            .text("")
+            .number(u64::MAX)
+            .channel()
+            .flag(false)
+            .into_parts();
+        let keys: Vec<&str> = keys.iter().map(|key| text(key.as_bytes())).collect();
+        assert_eq!(keys, ["lk:{orders/é}:lock", "lk:{orders/é}:queue"]);
+        let Value::Array(args) = args else {
+            panic!("the arguments go as one array, got {args:?}");
+        };
+        let args: Vec<&str> = args
+            .iter()
+            .map(|arg| text(arg.as_bytes().unwrap()))
+            .collect();
+        let token = token.to_string();
+        assert_eq!(
+            args,
+            [
+                token.as_str(),
+                "",
+                "18446744073709551615",
+                "lk:{orders/é}:unlock",
+                "0"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_unlock_channel_waiters_watch_is_the_one_scripts_publish_to() {
+        let name = name("a");
+        let (_, args) = ScriptCall::on("latchkey", &name).channel().into_parts();
+        let Value::Array(args) = args else {
+            panic!("the arguments go as one array, got {args:?}");
+        };
+        let published: Vec<&str> = args
+            .iter()
+            .map(|arg| text(arg.as_bytes().unwrap()))
+            .collect();
+        let watched = redis_name("latchkey", &name, suffix::CHANNEL);
+        assert_eq!(published, [watched.as_str()]);
+        assert_eq!(watched, "latchkey:{a}:unlock");
+    }
 }
