@@ -368,6 +368,15 @@ impl LockStore {
         ScriptCall::on(&self.prefix, name)
     }
 
+    /// A call for the scripts that may touch all three keys: the lock, its plain waiters and
+    /// its fair queue (a release may hand the lock to either kind of waiter).
+    fn call_on_every_key<'a>(&'a self, name: &'a LockName) -> ScriptCall<'a> {
+        self.call(name)
+            .key(suffix::LOCK)
+            .key(suffix::WAITERS)
+            .key(suffix::QUEUE)
+    }
+
     /// The lock's unlock channel (what local waiters watch).
     pub fn channel(&self, name: &LockName) -> String {
         redis_name(&self.prefix, name, suffix::CHANNEL)
@@ -464,10 +473,7 @@ impl LockStore {
             Linger::Drop => 0,
         };
         let call = self
-            .call(name)
-            .key(suffix::LOCK)
-            .key(suffix::WAITERS)
-            .key(suffix::QUEUE)
+            .call_on_every_key(name)
             .token(token)
             .number(linger_ms)
             .channel();
@@ -537,10 +543,7 @@ impl LockStore {
 
     pub async fn force_release(&self, name: &LockName) -> Result<bool, StoreError> {
         let call = self
-            .call(name)
-            .key(suffix::LOCK)
-            .key(suffix::WAITERS)
-            .key(suffix::QUEUE)
+            .call_on_every_key(name)
             .number(self.linger_ms)
             .channel()
             .op();
@@ -560,10 +563,7 @@ impl LockStore {
         alive: Duration,
     ) -> Result<(Attempt, u64), StoreError> {
         let call = self
-            .call(name)
-            .key(suffix::LOCK)
-            .key(suffix::WAITERS)
-            .key(suffix::QUEUE)
+            .call_on_every_key(name)
             .token(token)
             .number(lease.millis())
             .number(self.linger_ms)
@@ -598,12 +598,7 @@ impl LockStore {
         waiter_ids: &[String],
         alive: Duration,
     ) -> Result<Option<String>, StoreError> {
-        let call = self
-            .call(name)
-            .key(suffix::LOCK)
-            .key(suffix::WAITERS)
-            .key(suffix::QUEUE)
-            .number(millis(alive));
+        let call = self.call_on_every_key(name).number(millis(alive));
         let call = waiter_ids.iter().fold(call, |call, id| call.text(id));
         let head: Option<String> = self.run(name, &self.fair_refresh, call).await?;
         Ok(head)
@@ -612,13 +607,7 @@ impl LockStore {
     /// Takes a fair waiter out of the queue (timed out, cancelled), telling the next in line
     /// if the lock is free.
     pub async fn fair_leave(&self, name: &LockName, waiter_id: &str) -> Result<(), StoreError> {
-        let call = self
-            .call(name)
-            .key(suffix::LOCK)
-            .key(suffix::WAITERS)
-            .key(suffix::QUEUE)
-            .text(waiter_id)
-            .channel();
+        let call = self.call_on_every_key(name).text(waiter_id).channel();
         let _: i64 = self.run(name, &self.fair_leave, call).await?;
         Ok(())
     }
@@ -760,6 +749,16 @@ mod tests {
         std::str::from_utf8(value).unwrap()
     }
 
+    /// The script arguments a call sends, as text.
+    fn arguments(args: &Value) -> Vec<&str> {
+        let Value::Array(args) = args else {
+            panic!("the arguments go as one array, got {args:?}");
+        };
+        args.iter()
+            .map(|arg| text(arg.as_bytes().unwrap()))
+            .collect()
+    }
+
     #[test]
     fn a_script_call_sends_each_key_and_argument_as_its_own_value_empty_ones_included() {
         let name = name("orders/é");
@@ -775,16 +774,9 @@ mod tests {
             .into_parts();
         let keys: Vec<&str> = keys.iter().map(|key| text(key.as_bytes())).collect();
         assert_eq!(keys, ["lk:{orders/é}:lock", "lk:{orders/é}:queue"]);
-        let Value::Array(args) = args else {
-            panic!("the arguments go as one array, got {args:?}");
-        };
-        let args: Vec<&str> = args
-            .iter()
-            .map(|arg| text(arg.as_bytes().unwrap()))
-            .collect();
         let token = token.to_string();
         assert_eq!(
-            args,
+            arguments(&args),
             [
                 token.as_str(),
                 "",
@@ -799,15 +791,8 @@ mod tests {
     fn the_unlock_channel_waiters_watch_is_the_one_scripts_publish_to() {
         let name = name("a");
         let (_, args) = ScriptCall::on("latchkey", &name).channel().into_parts();
-        let Value::Array(args) = args else {
-            panic!("the arguments go as one array, got {args:?}");
-        };
-        let published: Vec<&str> = args
-            .iter()
-            .map(|arg| text(arg.as_bytes().unwrap()))
-            .collect();
         let watched = redis_name("latchkey", &name, suffix::CHANNEL);
-        assert_eq!(published, [watched.as_str()]);
+        assert_eq!(arguments(&args), [watched.as_str()]);
         assert_eq!(watched, "latchkey:{a}:unlock");
     }
 }
