@@ -621,3 +621,53 @@ async fn an_unreachable_redis_url_fails_a_run_against_a_running_latchkey_before_
     let out = bench.finish(Duration::from_secs(120));
     assert_refused_at_start(&out, "cannot reach the Redis --redis-url names");
 }
+
+/// The number after `label` in `text`, digits only.
+fn number_after(text: &str, label: &str) -> Option<u64> {
+    let rest = &text[text.find(label)? + label.len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn the_instruction_count_is_taken_over_pairs_a_latchkey_under_callgrind_served() {
+    let binaries = std::path::Path::new(env!("CARGO_BIN_EXE_latchkey"))
+        .parent()
+        .expect("the binaries' directory");
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/instructions.sh"
+    ))
+    .arg("3")
+    .env("LATCHKEY_BIN_DIR", binaries)
+    .output()
+    .expect("run deploy/instructions.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pairs = number_after(&stdout, "),").expect("the pair count");
+    let per_pair = number_after(&stdout, "Acquire+Release pair:").expect("the count per pair");
+    assert!(pairs > 0 && per_pair > 0, "{stdout}");
+    let functions = stdout
+        .lines()
+        .skip_while(|line| !line.starts_with("the functions"));
+    assert!(
+        functions.skip(1).any(|line| line.contains("latchkey")),
+        "no latchkey function among the top ones:\n{stdout}"
+    );
+    let addr = stdout
+        .split_whitespace()
+        .nth(2)
+        .expect("the address latchkey served on");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the latchkey it started still answers at {addr}"
+    );
+}
