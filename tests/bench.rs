@@ -655,12 +655,22 @@ fn the_instruction_count_is_taken_over_pairs_a_latchkey_under_callgrind_served()
     let pairs = number_after(&stdout, "),").expect("the pair count");
     let per_pair = number_after(&stdout, "Acquire+Release pair:").expect("the count per pair");
     assert!(pairs > 0 && per_pair > 0, "{stdout}");
-    let functions = stdout
+    let functions: Vec<&str> = stdout
         .lines()
-        .skip_while(|line| !line.starts_with("the functions"));
+        .skip_while(|line| !line.starts_with("the functions"))
+        .skip(1)
+        .collect();
+    assert_eq!(functions.len(), 20, "the top 20 functions:\n{stdout}");
     assert!(
-        functions.skip(1).any(|line| line.contains("latchkey")),
-        "no latchkey function among the top ones:\n{stdout}"
+        functions.iter().all(|line| line.contains("%)")),
+        "each with its count and share:\n{stdout}"
+    );
+    // Functions of the binary it ran, not only of libc or valgrind (a row ends with the object
+    // file; a long function name may cut it off).
+    let object = format!("{}]", binaries.join("latchkey").display());
+    assert!(
+        functions.iter().any(|line| line.ends_with(&object)),
+        "no function of {object} among the top ones:\n{stdout}"
     );
     let addr = stdout
         .split_whitespace()
