@@ -204,9 +204,14 @@ impl<'a> ScriptCall<'a> {
         self.end()
     }
 
-    /// A fresh `op` id (see `op_id`).
+    /// A fresh id for one call that changes a hold count (a re-entry, a release, a
+    /// ForceRelease; `op` in prelude.lua), 16 hex digits. fred sends a command again, with the
+    /// same arguments, when a dropped connection caught it; the id lets the script tell that
+    /// repeat from a second call and count it once.
     fn op(mut self) -> Self {
-        self.buf.put_slice(op_id().as_bytes());
+        use std::fmt::Write;
+        // Writing to a BytesMut cannot fail: it grows as needed.
+        let _ = write!(self.buf, "{:016x}", rand::random::<u64>());
         self.end()
     }
 
@@ -727,14 +732,6 @@ fn to_u32(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// A fresh id for one call that changes a hold count (a re-entry, a release, a ForceRelease;
-/// `op` in prelude.lua). fred sends a command again, with the same arguments, when a dropped
-/// connection caught it; the id lets the script tell that repeat from a second call and count
-/// it once.
-fn op_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -785,6 +782,21 @@ mod tests {
                 "0"
             ]
         );
+    }
+
+    #[test]
+    fn each_call_gets_its_own_op_id_of_16_hex_digits() {
+        let name = name("a");
+        let (_, first) = ScriptCall::on("lk", &name).op().into_parts();
+        let (_, second) = ScriptCall::on("lk", &name).op().into_parts();
+        let (first, second) = (arguments(&first)[0], arguments(&second)[0]);
+        for id in [first, second] {
+            assert!(
+                id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id:?}"
+            );
+        }
+        assert_ne!(first, second);
     }
 
     #[test]
