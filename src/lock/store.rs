@@ -324,7 +324,8 @@ impl LockStore {
             let errors = client.on_error(move |(error, _server)| {
                 *failed
                     .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error.to_string());
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                    Some(readable(error).to_string());
                 std::future::ready(Ok(()))
             });
             let (loader, scripts, failed) = (
@@ -659,6 +660,7 @@ impl LockStore {
     /// does not tell a refused connection from a wrong password or a stalled Redis).
     fn explained(&self, error: fred::error::Error) -> fred::error::Error {
         use fred::error::ErrorKind;
+        let error = readable(error);
         if !matches!(
             error.kind(),
             ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled
@@ -681,6 +683,33 @@ impl LockStore {
             None => error,
         }
     }
+}
+
+/// `error` with an IO failure worded the way `std::io::Error` displays it
+/// (`Connection refused (os error 111)`). fred words it by the error's `Debug` form (`Os { code:
+/// 111, kind: ConnectionRefused, message: "Connection refused" }`), which ends up in UNAVAILABLE
+/// messages and the log; any other error, or a form not recognised, is left as fred wrote it.
+pub(super) fn readable(error: fred::error::Error) -> fred::error::Error {
+    match io_error_text(error.details()) {
+        Some(text) if *error.kind() == fred::error::ErrorKind::IO => {
+            fred::error::Error::new(error.kind().clone(), text)
+        }
+        _ => error,
+    }
+}
+
+/// The `Display` text of the `std::io::Error` whose `Debug` text is `debug`, for the two forms a
+/// socket error takes: an OS error and an error with a custom message.
+fn io_error_text(debug: &str) -> Option<String> {
+    if let Some(os) = debug.strip_prefix("Os { code: ") {
+        let (code, rest) = os.split_once(", kind: ")?;
+        let (_kind, rest) = rest.split_once(", message: \"")?;
+        let message = rest.strip_suffix("\" }")?;
+        return Some(format!("{message} (os error {code})"));
+    }
+    let custom = debug.strip_prefix("Custom { kind: ")?;
+    let (_kind, rest) = custom.split_once(", error: \"")?;
+    rest.strip_suffix("\" }").map(str::to_owned)
 }
 
 /// Redis did not answer as expected.
@@ -797,6 +826,36 @@ mod tests {
             );
         }
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn an_io_error_reads_as_std_displays_it_not_as_its_debug_form() {
+        let refused = std::io::Error::from_raw_os_error(111);
+        let custom = std::io::Error::other("TLS handshake eof");
+        for io in [refused, custom] {
+            let (debug, display) = (format!("{io:?}"), io.to_string());
+            // How fred turns a socket error into its own (its `From<io::Error>`).
+            let fred_made = fred::error::Error::from(io);
+            assert_eq!(fred_made.details(), debug, "fred's wording changed");
+            let error = readable(fred_made);
+            assert_eq!(error.details(), display);
+            assert_eq!(*error.kind(), fred::error::ErrorKind::IO);
+        }
+    }
+
+    #[test]
+    fn an_error_that_is_not_an_io_error_keeps_fred_s_words() {
+        for (kind, details) in [
+            (fred::error::ErrorKind::Timeout, "Request timed out."),
+            (fred::error::ErrorKind::IO, "Connection closed."),
+            (
+                fred::error::ErrorKind::Unknown,
+                "Os { code: 1, kind: X, message: \"y\" }",
+            ),
+        ] {
+            let error = readable(fred::error::Error::new(kind.clone(), details));
+            assert_eq!((error.kind(), error.details()), (&kind, details));
+        }
     }
 
     #[test]

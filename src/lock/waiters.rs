@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 
 use super::{
     Lease, Token,
-    store::{Granted, HandOff},
+    store::{Granted, HandOff, readable},
 };
 
 /// The shared hub; cheap to clone.
@@ -446,6 +446,7 @@ async fn apply_changes(subscriber: SubscriberClient, mut changes: mpsc::Unbounde
                     if let Err(error) = subscriber.subscribe(name.as_str()).await {
                         metrics::counter!(crate::telemetry::REDIS_ERRORS, "op" => "subscribe")
                             .increment(1);
+                        let error = readable(error);
                         warn!(channel = %name, %error, "subscribe failed; waiters fall back on the holder's lease");
                     }
                     subscribed.push(channel);
