@@ -856,6 +856,53 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
     assert!(!again.released);
 }
 
+/// The on-call person force-releases a stuck lock, the answer is lost to a dropped connection,
+/// and a caller of another replica takes the freed lock before latchkey sends the ForceRelease
+/// again. The repeat must say it freed the lock, and must not free the new holder's lock: that
+/// would let a third caller in beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_release_repeated_after_someone_else_took_the_lock_leaves_the_new_holder_alone() {
+    const NAME: &str = "orders/stuck-then-taken";
+    let (redis, link, behind_link) = latchkey_behind_a_slow_link().await;
+    let other_replica = Latchkey::start(&redis).await;
+    let (mut c, mut other) = (behind_link.locks().await, other_replica.locks().await);
+    let stuck = c
+        .acquire(acquire(NAME, secs(60), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stuck.acquired);
+
+    let (forced, taken) = link
+        .losing_answer_to_while(
+            "EVALSHA",
+            c.force_release(pb::ForceReleaseRequest { name: NAME.into() }),
+            other.acquire(acquire(NAME, secs(60), Duration::ZERO)),
+        )
+        .await;
+    let taken = taken.unwrap().into_inner();
+    assert!(taken.acquired, "the first run did not free the lock");
+    assert!(
+        forced.unwrap().into_inner().released,
+        "told the lock was not held"
+    );
+
+    let state = inspect(&c, NAME).await;
+    assert!(
+        state.held && state.fence == taken.fence,
+        "the repeated ForceRelease freed the new holder's lock: {state:?}"
+    );
+    let third = c
+        .acquire(acquire(NAME, secs(60), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !third.acquired,
+        "a third caller got in beside the new holder"
+    );
+}
+
 /// Redis stalls (CLIENT PAUSE) past the acquire's Redis timeout: the caller hears
 /// UNAVAILABLE, but Redis runs the acquire script once the pause ends and grants the lock to a
 /// token nobody was ever told. latchkey must give that grant back, not leave the lock dead for
@@ -972,6 +1019,18 @@ async fn latchkey_behind_a_link() -> (RedisServer, Link, Latchkey) {
     let link = Link::to(redis.port).await;
     let mut config = test_config(&redis);
     config.redis.redis_url = link.url();
+    let server = Latchkey::start_with(config).await;
+    (redis, link, server)
+}
+
+/// `latchkey_behind_a_link`, with a Redis timeout of 10 s: a test that holds a connection open
+/// after dropping an answer must not have latchkey give up on the command meanwhile.
+async fn latchkey_behind_a_slow_link() -> (RedisServer, Link, Latchkey) {
+    let redis = RedisServer::start();
+    let link = Link::to(redis.port).await;
+    let mut config = test_config(&redis);
+    config.redis.redis_url = link.url();
+    config.redis.redis_timeout = secs(10);
     let server = Latchkey::start_with(config).await;
     (redis, link, server)
 }

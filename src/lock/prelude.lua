@@ -14,6 +14,11 @@
 --          run was, instead of counting twice. Absent on a lock held once since it was granted.
 --          Only the scripts that count holds read it (read_lock's `with_op`): an absent field
 --          costs Redis a scan of the hash.
+--   forced the id of the latest ForceRelease that freed the lock. Unlike `op` it stays through
+--          later grants (until the hash goes, or another ForceRelease replaces it): a repeat of
+--          that ForceRelease arriving after someone else took the lock finds it and answers
+--          "freed" without touching the new holder's lock. Only force_release.lua reads it;
+--          a lock that was never force-released does not carry it.
 -- The hash itself expires `linger` ms after the lease ends. While it lingers, a late Release or
 -- Extend by the old owner is answered "expired", and `fence` keeps the next grant above it.
 --
@@ -73,11 +78,12 @@ end
 
 -- Frees a held lock but keeps its fence for `linger` ms, then tells waiters: the head of the
 -- fair queue by name ('w:' .. id, so only it wakes), or else anyone ('released' / 'forced').
--- `op`: the id of the freeing call (a release, a ForceRelease), kept while the hash lingers.
+-- `op`: the id of the freeing call, kept while the hash lingers: a release's as `op`, a
+-- ForceRelease's (why == 'forced') as `forced`, which stays through later grants.
 local function free_lock(key, waiters_key, queue_key, now_ms, linger_ms, channel, why, op)
   redis.call('HDEL', key, 'owner', 'holds', 'until', 'from', 'op')
   if op and linger_ms > 0 then
-    redis.call('HSET', key, 'op', op)
+    redis.call('HSET', key, why == 'forced' and 'forced' or 'op', op)
   end
   redis.call('PEXPIRE', key, linger_ms)
   local head = fair_head(queue_key, waiters_key, now_ms)
