@@ -863,7 +863,10 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_force_release_repeated_after_someone_else_took_the_lock_leaves_the_new_holder_alone() {
     const NAME: &str = "orders/stuck-then-taken";
-    let (redis, link, behind_link) = latchkey_behind_a_slow_link().await;
+    // A Redis timeout of 10 s: latchkey must not give up on the ForceRelease while the link
+    // holds its connection open.
+    let (redis, link, behind_link) =
+        latchkey_behind_a_link_with(|config| config.redis.redis_timeout = secs(10)).await;
     let other_replica = Latchkey::start(&redis).await;
     let (mut c, mut other) = (behind_link.locks().await, other_replica.locks().await);
     let stuck = c
@@ -1015,22 +1018,18 @@ async fn latchkey_that_times_out_on_redis(
 /// latchkey with all its Redis connections through a `Link`, so a test can lose the answer to
 /// a command Redis ran. The Redis server stops when the first value is dropped.
 async fn latchkey_behind_a_link() -> (RedisServer, Link, Latchkey) {
-    let redis = RedisServer::start();
-    let link = Link::to(redis.port).await;
-    let mut config = test_config(&redis);
-    config.redis.redis_url = link.url();
-    let server = Latchkey::start_with(config).await;
-    (redis, link, server)
+    latchkey_behind_a_link_with(|_| {}).await
 }
 
-/// `latchkey_behind_a_link`, with a Redis timeout of 10 s: a test that holds a connection open
-/// after dropping an answer must not have latchkey give up on the command meanwhile.
-async fn latchkey_behind_a_slow_link() -> (RedisServer, Link, Latchkey) {
+/// `latchkey_behind_a_link`, with `configure` applied to latchkey's config.
+async fn latchkey_behind_a_link_with(
+    configure: impl FnOnce(&mut latchkey::config::Config),
+) -> (RedisServer, Link, Latchkey) {
     let redis = RedisServer::start();
     let link = Link::to(redis.port).await;
     let mut config = test_config(&redis);
     config.redis.redis_url = link.url();
-    config.redis.redis_timeout = secs(10);
+    configure(&mut config);
     let server = Latchkey::start_with(config).await;
     (redis, link, server)
 }
