@@ -8,10 +8,11 @@
 --   from   the token of the release that handed the lock to its owner (release.lua); absent
 --          when the owner took the lock itself, so handed.lua can tell the two apart
 --   op     the id of the latest call that changed the hold count without a new grant: a
---          re-entry, a release that left holds, or the release or ForceRelease that freed the
---          lock (kept while the freed hash lingers). fred sends a command again when a dropped
---          connection caught it; the repeat carries the same id and is answered as the first
---          run was, instead of counting twice. Absent on a lock held once since it was granted.
+--          re-entry, a release that left holds, or the release that freed the lock (kept while
+--          the freed hash lingers; a ForceRelease's goes to `forced`). fred sends a command
+--          again when a dropped connection caught it; the repeat carries the same id and is
+--          answered as the first run was, instead of counting twice. Absent on a lock held once
+--          since it was granted.
 --          Only the scripts that count holds read it (read_lock's `with_op`): an absent field
 --          costs Redis a scan of the hash.
 --   forced the id of the latest ForceRelease that freed the lock. Unlike `op` it stays through

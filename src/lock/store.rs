@@ -6,7 +6,8 @@
 //! one Redis Cluster slot. All commands for one lock go over the same pooled connection, so
 //! Redis runs them in the order latchkey sent them. A command that a dropped connection caught
 //! is sent again by fred; every script answers that repeat as its first run, never counting a
-//! re-entry, release or force-release twice (the `op` id; see prelude.lua).
+//! re-entry, release or force-release twice (the `op` id, kept as `op` or `forced`; see
+//! prelude.lua).
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
@@ -205,7 +206,7 @@ impl<'a> ScriptCall<'a> {
     }
 
     /// A fresh id for one call that changes a hold count (a re-entry, a release, a
-    /// ForceRelease; `op` in prelude.lua), 16 hex digits. fred sends a command again, with the
+    /// ForceRelease; `op` and `forced` in prelude.lua), 16 hex digits. fred sends a command again, with the
     /// same arguments, when a dropped connection caught it; the id lets the script tell that
     /// repeat from a second call and count it once.
     fn op(mut self) -> Self {
