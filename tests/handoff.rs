@@ -442,7 +442,7 @@ async fn only_the_release_that_handed_the_lock_over_is_told_it_did() {
     let handed = LockName::parse("probe/handed".into(), &config.locks).expect("name");
     let took = store.acquire(&handed, holder, false, lease, None).await;
     assert!(matches!(took, Ok(Attempt::Granted(_))), "{took:?}");
-    let waiter_id = waiter.to_string();
+    let waiter_id = waiter.waiter_id();
     let queued = store
         .acquire(&handed, waiter, false, lease, Some((&waiter_id, LEASE)))
         .await;

@@ -906,6 +906,98 @@ async fn a_force_release_repeated_after_someone_else_took_the_lock_leaves_the_ne
     );
 }
 
+/// A holder's last Release loses its answer to a dropped connection, and a caller of another
+/// replica takes the freed lock before latchkey sends the Release again. The holder's lock
+/// really is gone, so the repeat must say "released", as its first run did, not "held by
+/// another owner" (the holder would think its Release failed); and it must leave the new
+/// holder's lock alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_repeated_after_someone_else_took_the_lock_still_says_it_released_it() {
+    const NAME: &str = "orders/released-then-taken";
+    // A Redis timeout of 10 s: latchkey must not give up on the Release while the link holds
+    // its connection open.
+    let (redis, link, behind_link) =
+        latchkey_behind_a_link_with(|config| config.redis.redis_timeout = secs(10)).await;
+    let other_replica = Latchkey::start(&redis).await;
+    let (mut c, mut other) = (behind_link.locks().await, other_replica.locks().await);
+    let held = c
+        .acquire(acquire(NAME, secs(60), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+    let release = || pb::ReleaseRequest {
+        name: NAME.into(),
+        token: held.token.clone(),
+    };
+
+    let (released, taken) = link
+        .losing_answer_to_while(
+            "EVALSHA",
+            c.release(release()),
+            other.acquire(acquire(NAME, secs(60), Duration::ZERO)),
+        )
+        .await;
+    let taken = taken.unwrap().into_inner();
+    assert!(taken.acquired, "the first run did not free the lock");
+    let released = released
+        .expect("the repeat must answer as the first run did: released")
+        .into_inner();
+    assert!(
+        released.released && released.hold_count == 0,
+        "{released:?}"
+    );
+
+    let state = inspect(&c, NAME).await;
+    assert!(
+        state.held && state.fence == taken.fence && state.hold_count == 1,
+        "the repeated Release touched the new holder's lock: {state:?}"
+    );
+    // A Release of its own (not a repeat) is refused: the lock is someone else's now.
+    let again = c
+        .release(release())
+        .await
+        .expect_err("another owner holds it");
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+}
+
+/// What lets that repeat answer "released" is the Release's id, kept on the lock hash through
+/// the next grant. It must not make a lock taken again after a release cost Redis more than a
+/// lock taken for the first time: names are reused all the time, and the memory target (250
+/// bytes per held lock) holds for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_again_after_a_release_costs_redis_no_more_than_a_fresh_one() {
+    let redis = RedisServer::start();
+    let server = Latchkey::start(&redis).await;
+    let mut c = server.locks().await;
+    let take = |name: &'static str| acquire(name, secs(60), Duration::ZERO);
+    let (fresh, reused) = ("orders/fresh-1", "orders/again-1");
+
+    assert!(c.acquire(take(fresh)).await.unwrap().into_inner().acquired);
+    let first = c.acquire(take(reused)).await.unwrap().into_inner();
+    assert!(first.acquired);
+    c.release(pb::ReleaseRequest {
+        name: reused.into(),
+        token: first.token,
+    })
+    .await
+    .unwrap();
+    assert!(c.acquire(take(reused)).await.unwrap().into_inner().acquired);
+
+    let client = redis.client().await;
+    let key = |name: &str| format!("latchkey:{{{name}}}:lock");
+    let op: Option<String> = client.hget(key(reused), "op").await.unwrap();
+    assert!(op.is_some(), "the re-taken lock keeps the release's id");
+    let usage = |name: &str| {
+        client.custom::<i64, _>(fred::cmd!("MEMORY"), vec!["USAGE".to_owned(), key(name)])
+    };
+    let (fresh_bytes, reused_bytes) = (usage(fresh).await.unwrap(), usage(reused).await.unwrap());
+    assert!(
+        reused_bytes <= fresh_bytes,
+        "a re-taken lock costs {reused_bytes} bytes, a fresh one {fresh_bytes}"
+    );
+}
+
 /// Redis stalls (CLIENT PAUSE) past the acquire's Redis timeout: the caller hears
 /// UNAVAILABLE, but Redis runs the acquire script once the pause ends and grants the lock to a
 /// token nobody was ever told. latchkey must give that grant back, not leave the lock dead for

@@ -64,9 +64,7 @@ if live then
 end
 
 fence = math.max(fence + 1, now_us)
-redis.call('HSET', lock_key, 'owner', token, 'holds', 1, 'fence', int(fence), 'until', int(now_ms + lease_ms))
-redis.call('HDEL', lock_key, 'from', 'op')
-redis.call('PEXPIRE', lock_key, lease_ms + linger_ms)
+grant(lock_key, token, owner, fence, now_ms, lease_ms, linger_ms)
 if waiter ~= '' then
   redis.call('ZREM', waiters_key, waiter)
 end

@@ -43,9 +43,7 @@ if not live and (head == nil or head == token) then
   redis.call('ZREM', queue_key, token)
   redis.call('ZREM', waiters_key, token)
   fence = math.max(fence + 1, now_us)
-  redis.call('HSET', lock_key, 'owner', token, 'holds', 1, 'fence', int(fence), 'until', int(now_ms + lease_ms))
-  redis.call('HDEL', lock_key, 'from', 'op')
-  redis.call('PEXPIRE', lock_key, lease_ms + linger_ms)
+  grant(lock_key, token, owner, fence, now_ms, lease_ms, linger_ms)
   return {1, fence, 1, lease_ms, queued_at}
 end
 

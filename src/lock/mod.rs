@@ -349,7 +349,7 @@ impl LockEngine {
             () = self.shutdown.cancelled() => return Err(LockError::ShuttingDown),
         };
         // The token is unique to this request, so it doubles as the waiter id.
-        let waiter_id = token.to_string();
+        let waiter_id = token.waiter_id();
         // In the line before the first registration is even sent: a local release then counts
         // this caller among the process's waiters (so it does not mistake it for another
         // replica's and give up the hand-off), while release.lua only ever hands the lock to a
@@ -443,7 +443,7 @@ impl LockEngine {
             wait.start();
         }
         // From here on we may be in the queue: every way out must leave it.
-        let waiter_id = token.to_string();
+        let waiter_id = token.waiter_id();
         let _queued = self.fair.join(name, &waiter_id);
         tokio::pin!(gone);
         let mut line: Option<Ticket> = None;
@@ -548,7 +548,7 @@ impl LockEngine {
             let _permit = permit;
             let give_back = || async {
                 if fair {
-                    engine.store.fair_leave(&name, &token.to_string()).await?;
+                    engine.store.fair_leave(&name, &token.waiter_id()).await?;
                 }
                 engine.release(&name, token).await
             };

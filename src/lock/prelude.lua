@@ -1,25 +1,31 @@
 -- prelude.lua: shared by every lock script; latchkey prepends it to each script before loading.
 --
 -- A lock is one hash, KEYS[1] = PREFIX:{name}:lock, with the fields
---   owner  the owner token (absent once released)
---   holds  re-entry count of the owner
+--   owner  the owner token, 32 hex digits (absent once released)
+--   holds  the owner's hold count, only while it is 2 or more: absent means 1 (held) or 0
+--          (not held)
 --   fence  the fence of the latest grant (kept after release, see below)
 --   until  Redis time, in ms, at which the owner's lease ends
 --   from   the token of the release that handed the lock to its owner (release.lua); absent
 --          when the owner took the lock itself, so handed.lua can tell the two apart
 --   op     the id of the latest call that changed the hold count without a new grant: a
---          re-entry, a release that left holds, or the release that freed the lock (kept while
---          the freed hash lingers; a ForceRelease's goes to `forced`). fred sends a command
---          again when a dropped connection caught it; the repeat carries the same id and is
---          answered as the first run was, instead of counting twice. Absent on a lock held once
---          since it was granted.
---          Only the scripts that count holds read it (read_lock's `with_op`): an absent field
---          costs Redis a scan of the hash.
---   forced the id of the latest ForceRelease that freed the lock. Unlike `op` it stays through
---          later grants (until the hash goes, or another ForceRelease replaces it): a repeat of
---          that ForceRelease arriving after someone else took the lock finds it and answers
---          "freed" without touching the new holder's lock. Only force_release.lua reads it;
---          a lock that was never force-released does not carry it.
+--          re-entry, a release that left holds, or the release that freed the lock. fred sends
+--          a command again when a dropped connection caught it; the repeat carries the same id
+--          and is answered as the first run was, instead of counting twice. The freeing
+--          release's id stays while the freed hash lingers and through the grant that takes
+--          the lock from there (acquire.lua, fair_acquire.lua), so a repeat arriving after
+--          someone else took the lock still answers "released"; a grant after a lease that
+--          ran out drops it (it may be a re-entry's). A ForceRelease's id goes to `forced`.
+--          Only the scripts that count holds read it (read_lock's `with_op`).
+--   forced the id of the latest ForceRelease that freed the lock. It too stays through later
+--          grants (until the hash goes, or another ForceRelease replaces it): a repeat of that
+--          ForceRelease arriving after someone else took the lock finds it and answers "freed"
+--          without touching the new holder's lock. Only force_release.lua reads it; a lock
+--          that was never force-released does not carry it.
+-- Ids are decimal integers below 2^63 and tokens are written without dashes, so Redis keeps a
+-- lock held once, with a release's `op` beside it, in a 96-byte listpack: a name taken again
+-- costs no more memory than a fresh one (tests/lock.rs checks this; the benchmark's memory row
+-- measures it).
 -- The hash itself expires `linger` ms after the lease ends. While it lingers, a late Release or
 -- Extend by the old owner is answered "expired", and `fence` keeps the next grant above it.
 --
@@ -43,7 +49,8 @@ local function read_lock(key, now_ms, with_op)
   end
   local owner, until_ms = h[1], tonumber(h[4]) or 0
   local live = owner and until_ms > now_ms
-  return owner, tonumber(h[2]) or 0, tonumber(h[3]) or 0, until_ms, live, h[5]
+  local holds = tonumber(h[2]) or (owner and 1 or 0)
+  return owner, holds, tonumber(h[3]) or 0, until_ms, live, h[5]
 end
 
 -- Whether `token` may act on the lock: 0 it owns it; -1 not held; -2 held by another owner;
@@ -75,6 +82,17 @@ local function fair_head(queue_key, waiters_key, now_ms)
     redis.call('ZREM', queue_key, head)
     redis.call('ZREM', waiters_key, head)
   end
+end
+
+-- Grants the lock to `token`, which took it itself (no `from`), with this fence and lease.
+-- The hash is absent, freed (a freeing release's `op` stays, see above), or left by a lease
+-- that ran out (`previous_owner`): that owner's holds and op go.
+local function grant(key, token, previous_owner, fence, now_ms, lease_ms, linger_ms)
+  redis.call('HSET', key, 'owner', token, 'fence', int(fence), 'until', int(now_ms + lease_ms))
+  if previous_owner then
+    redis.call('HDEL', key, 'holds', 'from', 'op')
+  end
+  redis.call('PEXPIRE', key, lease_ms + linger_ms)
 end
 
 -- Frees a held lock but keeps its fence for `linger` ms, then tells waiters: the head of the

@@ -26,9 +26,9 @@
 --   {-1} / {-2} / {-3}               not held / held by another owner / expired; nothing changed
 --
 -- The same command run again (its answer lost with a dropped connection) finds its own op and
--- answers what its first run did: {0, holds_left}, or {1, 0} once it freed the lock. A repeat
--- of a hand-off finds another owner, as before (settled by handed.lua); so does a repeat of a
--- freeing release after someone else took the lock (a new grant drops the op).
+-- answers what its first run did: {0, holds_left}, or {1, 0} once it freed the lock, also when
+-- someone else took the lock since (the grant keeps the freeing release's op, see prelude.lua).
+-- A repeat of a hand-off finds another owner, as before (settled by handed.lua).
 
 local lock_key, waiters_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
 local token, linger_ms, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -37,16 +37,21 @@ local now_ms, now_us = redis_now()
 local owner, holds, fence, _, live, last_op = read_lock(lock_key, now_ms, true)
 
 if last_op == op then
-  if owner == token and live then return {0, holds} end
-  if not owner then return {1, 0} end
+  if owner ~= token then return {1, 0} end
+  if live then return {0, holds} end
 end
 
 local why = ownership(owner, live, token)
 if why ~= 0 then return {why} end
 
-if holds > 1 then
+if holds > 2 then
   redis.call('HSET', lock_key, 'holds', holds - 1, 'op', op)
   return {0, holds - 1}
+end
+if holds == 2 then
+  redis.call('HDEL', lock_key, 'holds')
+  redis.call('HSET', lock_key, 'op', op)
+  return {0, 1}
 end
 
 if candidate ~= '' then
@@ -65,7 +70,7 @@ if candidate ~= '' then
     redis.call('ZREM', queue_key, candidate)
     redis.call('ZREM', waiters_key, candidate)
     fence = math.max(fence + 1, now_us)
-    redis.call('HSET', lock_key, 'owner', candidate, 'holds', 1, 'fence', int(fence),
+    redis.call('HSET', lock_key, 'owner', candidate, 'fence', int(fence),
       'until', int(now_ms + candidate_lease_ms), 'from', token)
     if last_op then
       redis.call('HDEL', lock_key, 'op')

@@ -65,10 +65,18 @@ impl Token {
         Self(Uuid::new_v4())
     }
 
-    /// The token as `Display` shows it (hyphenated, lower case), written into `buf` (see
-    /// `Uuid::encode_buffer`) without a formatter.
+    /// The token as latchkey writes it into Redis (owner, `from`, waiter ids): 32 lower-case
+    /// hex digits, without the dashes `Display` shows clients, so a held lock's hash stays
+    /// small (see `src/lock/prelude.lua`). Written into `buf` (see `Uuid::encode_buffer`)
+    /// without a formatter. `parse` takes either form.
     pub fn encode(self, buf: &mut [u8]) -> &str {
-        self.0.hyphenated().encode_lower(buf)
+        self.0.simple().encode_lower(buf)
+    }
+
+    /// `encode`, owned: the id a waiter of this token has in Redis (its sorted-set entry, and
+    /// the `w:ID` unlock message naming a fair waiter).
+    pub fn waiter_id(self) -> String {
+        self.encode(&mut Uuid::encode_buffer()).to_owned()
     }
 
     pub fn parse(raw: &str) -> Result<Self, Invalid> {
@@ -188,6 +196,16 @@ mod tests {
         assert!(LockName::parse("a\nb".into(), &limits).is_err());
         assert!(LockName::parse("}a".into(), &limits).is_err());
         assert!(LockName::parse("orders/42 ✓".into(), &limits).is_ok());
+    }
+
+    #[test]
+    fn a_token_goes_to_redis_without_dashes_and_is_the_same_token_in_either_form() {
+        let token = Token::generate();
+        let (shown, in_redis) = (token.to_string(), token.waiter_id());
+        assert_eq!((shown.len(), in_redis.len()), (36, 32));
+        assert_eq!(shown.replace('-', ""), in_redis);
+        assert_eq!(Token::parse(&shown).unwrap(), token);
+        assert_eq!(Token::parse(&in_redis).unwrap(), token);
     }
 
     #[test]
