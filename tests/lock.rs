@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::{link::Link, *};
 use fred::prelude::*;
-use latchkey::grpc::pb;
-use tonic::{Code, Request};
+use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
+use tonic::{Code, Request, transport::Channel};
 
 const NAME: &str = "orders/42";
 
@@ -863,24 +863,19 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_force_release_repeated_after_someone_else_took_the_lock_leaves_the_new_holder_alone() {
     const NAME: &str = "orders/stuck-then-taken";
-    // A Redis timeout of 10 s: latchkey must not give up on the ForceRelease while the link
-    // holds its connection open.
-    let (redis, link, behind_link) =
-        latchkey_behind_a_link_with(|config| config.redis.redis_timeout = secs(10)).await;
-    let other_replica = Latchkey::start(&redis).await;
-    let (mut c, mut other) = (behind_link.locks().await, other_replica.locks().await);
-    let stuck = c
-        .acquire(acquire(NAME, secs(60), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(stuck.acquired);
+    let HeldBehindALink {
+        link,
+        mut holder,
+        mut other_replica,
+        _servers,
+        ..
+    } = held_behind_a_link(NAME).await;
 
     let (forced, taken) = link
         .losing_answer_to_while(
             "EVALSHA",
-            c.force_release(pb::ForceReleaseRequest { name: NAME.into() }),
-            other.acquire(acquire(NAME, secs(60), Duration::ZERO)),
+            holder.force_release(pb::ForceReleaseRequest { name: NAME.into() }),
+            other_replica.acquire(acquire(NAME, secs(60), Duration::ZERO)),
         )
         .await;
     let taken = taken.unwrap().into_inner();
@@ -890,12 +885,12 @@ async fn a_force_release_repeated_after_someone_else_took_the_lock_leaves_the_ne
         "told the lock was not held"
     );
 
-    let state = inspect(&c, NAME).await;
+    let state = inspect(&holder, NAME).await;
     assert!(
         state.held && state.fence == taken.fence,
         "the repeated ForceRelease freed the new holder's lock: {state:?}"
     );
-    let third = c
+    let third = holder
         .acquire(acquire(NAME, secs(60), Duration::ZERO))
         .await
         .unwrap()
@@ -914,18 +909,14 @@ async fn a_force_release_repeated_after_someone_else_took_the_lock_leaves_the_ne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_repeated_after_someone_else_took_the_lock_still_says_it_released_it() {
     const NAME: &str = "orders/released-then-taken";
-    // A Redis timeout of 10 s: latchkey must not give up on the Release while the link holds
-    // its connection open.
-    let (redis, link, behind_link) =
-        latchkey_behind_a_link_with(|config| config.redis.redis_timeout = secs(10)).await;
-    let other_replica = Latchkey::start(&redis).await;
-    let (mut c, mut other) = (behind_link.locks().await, other_replica.locks().await);
-    let held = c
-        .acquire(acquire(NAME, secs(60), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(held.acquired);
+    let HeldBehindALink {
+        link,
+        mut holder,
+        held,
+        mut other_replica,
+        _servers,
+        ..
+    } = held_behind_a_link(NAME).await;
     let release = || pb::ReleaseRequest {
         name: NAME.into(),
         token: held.token.clone(),
@@ -934,8 +925,8 @@ async fn a_release_repeated_after_someone_else_took_the_lock_still_says_it_relea
     let (released, taken) = link
         .losing_answer_to_while(
             "EVALSHA",
-            c.release(release()),
-            other.acquire(acquire(NAME, secs(60), Duration::ZERO)),
+            holder.release(release()),
+            other_replica.acquire(acquire(NAME, secs(60), Duration::ZERO)),
         )
         .await;
     let taken = taken.unwrap().into_inner();
@@ -948,13 +939,13 @@ async fn a_release_repeated_after_someone_else_took_the_lock_still_says_it_relea
         "{released:?}"
     );
 
-    let state = inspect(&c, NAME).await;
+    let state = inspect(&holder, NAME).await;
     assert!(
         state.held && state.fence == taken.fence && state.hold_count == 1,
         "the repeated Release touched the new holder's lock: {state:?}"
     );
     // A Release of its own (not a repeat) is refused: the lock is someone else's now.
-    let again = c
+    let again = holder
         .release(release())
         .await
         .expect_err("another owner holds it");
@@ -1124,6 +1115,40 @@ async fn latchkey_behind_a_link_with(
     configure(&mut config);
     let server = Latchkey::start_with(config).await;
     (redis, link, server)
+}
+
+/// Two latchkey replicas on one Redis, the first behind a link that can lose an answer, and a
+/// caller of the first holding a lock.
+struct HeldBehindALink {
+    link: Link,
+    /// The first replica's caller, who holds the lock, and its grant.
+    holder: LockServiceClient<Channel>,
+    held: pb::AcquireResponse,
+    other_replica: LockServiceClient<Channel>,
+    /// Redis and both replicas: bind it, or they stop (`..` drops what it leaves out).
+    _servers: (RedisServer, Latchkey, Latchkey),
+}
+
+async fn held_behind_a_link(name: &str) -> HeldBehindALink {
+    // A Redis timeout of 10 s: latchkey must not give up on a command while the link holds
+    // its connection open.
+    let (redis, link, behind_link) =
+        latchkey_behind_a_link_with(|config| config.redis.redis_timeout = secs(10)).await;
+    let other = Latchkey::start(&redis).await;
+    let (mut holder, other_replica) = (behind_link.locks().await, other.locks().await);
+    let held = holder
+        .acquire(acquire(name, secs(60), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+    HeldBehindALink {
+        link,
+        holder,
+        held,
+        other_replica,
+        _servers: (redis, behind_link, other),
+    }
 }
 
 /// The fence Redis last granted `name` under (0 before the first grant): it moves with every
