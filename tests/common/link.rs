@@ -2,7 +2,10 @@
 //! failing after Redis ran a command but before its answer reached latchkey. Bytes pass
 //! through unchanged; the only fault it adds is closing a real connection.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -110,9 +113,10 @@ impl Link {
         self.arm(command, true);
         let mut dropped = self.cuts.subscribe();
         let meanwhile = async {
-            dropped
-                .wait_for(|&n| n > cuts)
+            // Bounded, so a command that never reaches the link fails the test, not hangs it.
+            tokio::time::timeout(Duration::from_secs(30), dropped.wait_for(|&n| n > cuts))
                 .await
+                .unwrap_or_else(|_| panic!("the link dropped no answer to {command} in 30 s"))
                 .expect("the link is alive");
             let done = meanwhile.await;
             self.gate.add_permits(1);
