@@ -710,19 +710,22 @@ async fn hold_memory_locks(
     } else {
         "memory: 100k locks"
     };
+    // Each client's names, with the token that holds each (empty: a fresh name).
+    let work = held.unwrap_or_else(|| {
+        (0..CLIENTS)
+            .map(|c| {
+                (c..count)
+                    .step_by(CLIENTS as usize)
+                    .map(|i| (format!("bench/memory/{i:06}"), String::new()))
+                    .collect()
+            })
+            .collect()
+    });
     let bar = counted_bar(label, count);
-    let mut held = held.map(|h| h.into_iter());
     let mut tasks = JoinSet::new();
-    for c in 0..CLIENTS {
+    for before in work {
         let mut client = LockServiceClient::new(Conn::connect(addr).await?);
         let bar = bar.clone();
-        let before: Vec<(String, String)> = match held.as_mut() {
-            Some(held) => held.next().unwrap_or_default(),
-            None => (c..count)
-                .step_by(CLIENTS as usize)
-                .map(|i| (format!("bench/memory/{i:06}"), String::new()))
-                .collect(),
-        };
         tasks.spawn(async move {
             let (mut failed, mut now_held) = (0u64, Vec::with_capacity(before.len()));
             for (name, token) in before {
