@@ -247,11 +247,7 @@ async fn stock_goes_to_the_first_ten_of_a_hundred_buyers_in_arrival_order() {
         })
         .await
         .unwrap();
-    let held = locks
-        .acquire(acquire("stock/console", secs(60), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&locks, "stock/console", secs(60)).await;
 
     let mut buyers = Vec::new();
     for i in 0..100u32 {

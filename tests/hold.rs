@@ -198,10 +198,7 @@ async fn a_hold_that_cannot_get_the_lock_in_time_says_so_and_ends() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut client = server.locks().await;
-    client
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap();
+    take(&client, NAME, secs(30)).await;
     let mut hold = Hold::open(&mut client, acquire(NAME, secs(30), ms(200))).await;
     let answer = hold.granted().await;
     assert!(!answer.acquired && std_dur(answer.holder_ttl) > secs(20));
@@ -251,16 +248,13 @@ async fn a_hold_stream_must_start_with_acquire_and_only_release_may_follow() {
 async fn sigterm_releases_hold_locks_ends_waits_and_exits_zero_within_seconds() {
     let redis = RedisServer::start();
     let observer_server = Latchkey::start(&redis).await;
-    let mut observer = observer_server.locks().await;
+    let observer = observer_server.locks().await;
     let mut process = LatchkeyProcess::start(&redis).await;
     let mut client = process.locks().await;
 
     let mut hold = Hold::open(&mut client, acquire(NAME, secs(30), Duration::ZERO)).await;
     assert!(hold.granted().await.acquired);
-    observer
-        .acquire(acquire("jobs/busy", secs(30), Duration::ZERO))
-        .await
-        .unwrap();
+    take(&observer, "jobs/busy", secs(30)).await;
     let mut waiter = process.locks().await;
     let waiting = tokio::spawn(async move {
         waiter
@@ -297,11 +291,7 @@ async fn a_latchkey_process_killed_with_holds_and_waiters_does_not_stop_the_othe
     // process lives), and waiters, fair and plain, on locks the survivor's clients hold.
     let mut hold = Hold::open(&mut client, acquire("jobs/held", secs(1), Duration::ZERO)).await;
     assert!(hold.granted().await.acquired);
-    let plain = others
-        .acquire(acquire("jobs/plain", secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let plain = take(&others, "jobs/plain", secs(30)).await;
     let fair_req = |wait| pb::AcquireRequest {
         fair: true,
         ..acquire("jobs/fair", secs(30), wait)

@@ -18,12 +18,7 @@ const NAME: &str = "orders/42";
 async fn release_to_a_waiter(server: &Latchkey) -> Duration {
     let mut holder = server.locks().await;
     let mut waiter = server.locks().await;
-    let held = holder
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(held.acquired);
+    let held = take(&holder, NAME, secs(30)).await;
     let waiting = tokio::spawn(async move {
         let answer = waiter.acquire(acquire(NAME, secs(30), secs(20))).await;
         (answer, Instant::now())
@@ -51,12 +46,7 @@ async fn a_lock_goes_to_one_caller_and_is_free_again_after_release() {
     let mut a = server.locks().await;
     let mut b = server.locks().await;
 
-    let first = a
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(first.acquired);
+    let first = take(&a, NAME, secs(30)).await;
     assert_eq!(first.hold_count, 1);
     assert_eq!(std_dur(first.lease), secs(30));
     assert!(uuid::Uuid::parse_str(&first.token).is_ok());
@@ -88,12 +78,7 @@ async fn a_lock_goes_to_one_caller_and_is_free_again_after_release() {
     assert!(released.released);
     assert_eq!(released.hold_count, 0);
 
-    let third = b
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(third.acquired);
+    let third = take(&b, NAME, secs(30)).await;
     assert_ne!(third.token, first.token);
     assert!(third.fence > first.fence);
 }
@@ -227,11 +212,7 @@ async fn release_and_extend_with_a_wrong_or_stale_token_change_nothing() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut c = server.locks().await;
-    let owner = c
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let owner = take(&c, NAME, secs(30)).await;
     let stranger = uuid::Uuid::new_v4().to_string();
     let release = |token: &str| pb::ReleaseRequest {
         name: NAME.into(),
@@ -262,11 +243,7 @@ async fn release_and_extend_with_a_wrong_or_stale_token_change_nothing() {
     );
 
     // The token of another lock is no key to this one.
-    let other = c
-        .acquire(acquire("orders/43", secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let other = take(&c, "orders/43", secs(30)).await;
     assert_refused(
         c.release(release(&other.token)).await,
         Code::FailedPrecondition,
@@ -295,11 +272,7 @@ async fn release_and_extend_with_a_wrong_or_stale_token_change_nothing() {
         "a refused extend must not revive the lock"
     );
 
-    let short = c
-        .acquire(acquire(NAME, ms(200), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let short = take(&c, NAME, ms(200)).await;
     tokio::time::sleep(ms(400)).await;
     assert_refused(
         c.release(release(&short.token)).await,
@@ -319,11 +292,7 @@ async fn extend_moves_the_lease_end_for_the_owner() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut c = server.locks().await;
-    let owner = c
-        .acquire(acquire(NAME, ms(500), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let owner = take(&c, NAME, ms(500)).await;
     let extended = c
         .extend(pb::ExtendRequest {
             name: NAME.into(),
@@ -345,11 +314,7 @@ async fn reentering_with_the_owners_token_counts_holds_and_keeps_the_fence() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut c = server.locks().await;
-    let first = c
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = take(&c, NAME, secs(30)).await;
     let mut again = acquire(NAME, secs(30), Duration::ZERO);
     again.token = first.token.clone();
     let second = c.acquire(again.clone()).await.unwrap().into_inner();
@@ -376,10 +341,7 @@ async fn reentering_with_the_owners_token_counts_holds_and_keeps_the_fence() {
         Code::FailedPrecondition,
         "not held",
     );
-    let _held = c
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap();
+    take(&c, NAME, secs(30)).await;
     assert_refused(
         c.acquire(again).await,
         Code::FailedPrecondition,
@@ -394,11 +356,7 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
     let mut c = server.locks().await;
     let mut last = 0;
     for _ in 0..20 {
-        let grant = c
-            .acquire(acquire(NAME, secs(30), Duration::ZERO))
-            .await
-            .unwrap()
-            .into_inner();
+        let grant = take(&c, NAME, secs(30)).await;
         assert!(grant.fence > last, "fence {} after {last}", grant.fence);
         last = grant.fence;
         c.release(pb::ReleaseRequest {
@@ -409,11 +367,7 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
         .unwrap();
     }
     // Re-entry does not bump the fence.
-    let held = c
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&c, NAME, secs(30)).await;
     assert!(held.fence > last);
     last = held.fence;
 
@@ -511,11 +465,7 @@ async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut holder = server.locks().await;
-    let held = holder
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&holder, NAME, secs(30)).await;
 
     // 1. The gRPC deadline (300 ms) is shorter than the requested wait (20 s).
     let mut impatient = server.locks().await;
@@ -557,11 +507,7 @@ async fn waiters_on_one_lock_share_one_subscription_that_ends_with_the_last_wait
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
     let mut holder = server.locks().await;
-    let held = holder
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&holder, NAME, secs(30)).await;
 
     let mut waiters = Vec::new();
     for _ in 0..20 {
@@ -628,10 +574,7 @@ async fn force_release_frees_a_held_lock_and_wakes_its_waiter() {
     let server = Latchkey::start(&redis).await;
     let mut admin = server.locks().await;
     let mut waiter = server.locks().await;
-    admin
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap();
+    take(&admin, NAME, secs(30)).await;
     let waiting =
         tokio::spawn(async move { waiter.acquire(acquire(NAME, secs(30), secs(20))).await });
     wait_for_waiters(&admin, NAME, 1, secs(5)).await;
@@ -660,10 +603,7 @@ async fn redis_killed_mid_wait_answers_by_the_deadline_and_the_server_recovers_a
     let server = Latchkey::start(&redis).await;
     let mut holder = server.locks().await;
     let mut waiter = server.locks().await;
-    holder
-        .acquire(acquire(NAME, secs(30), Duration::ZERO))
-        .await
-        .unwrap();
+    take(&holder, NAME, secs(30)).await;
     let waiting = tokio::spawn(async move {
         let started = Instant::now();
         (
@@ -770,12 +710,7 @@ async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once
     const NAME: &str = "orders/reentrant";
     let (_redis, link, server) = latchkey_behind_a_link().await;
     let mut c = server.locks().await;
-    let granted = c
-        .acquire(acquire(NAME, secs(60), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(granted.acquired);
+    let granted = take(&c, NAME, secs(60)).await;
 
     let reentered = link
         .losing_answer_to(
@@ -829,12 +764,7 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
     const NAME: &str = "orders/stuck";
     let (_redis, link, server) = latchkey_behind_a_link().await;
     let mut c = server.locks().await;
-    let held = c
-        .acquire(acquire(NAME, secs(60), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(held.acquired);
+    take(&c, NAME, secs(60)).await;
 
     let forced = link
         .losing_answer_to(
@@ -1135,13 +1065,8 @@ async fn held_behind_a_link(name: &str) -> HeldBehindALink {
     let (redis, link, behind_link) =
         latchkey_behind_a_link_with(|config| config.redis.redis_timeout = secs(10)).await;
     let other = Latchkey::start(&redis).await;
-    let (mut holder, other_replica) = (behind_link.locks().await, other.locks().await);
-    let held = holder
-        .acquire(acquire(name, secs(60), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(held.acquired);
+    let (holder, other_replica) = (behind_link.locks().await, other.locks().await);
+    let held = take(&holder, name, secs(60)).await;
     HeldBehindALink {
         link,
         holder,

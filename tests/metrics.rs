@@ -5,7 +5,6 @@ mod common;
 use std::{
     io::{Read, Write},
     net::TcpStream,
-    time::Duration,
 };
 
 use common::*;
@@ -31,11 +30,7 @@ async fn metrics_show_acquire_latency_wait_outcomes_holds_and_redis_health() {
     let server = Latchkey::start_with(config).await;
     let mut c = server.locks().await;
 
-    let held = c
-        .acquire(acquire("m/1", secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&c, "m/1", secs(30)).await;
     let waited = c
         .acquire(acquire("m/1", secs(30), ms(100)))
         .await

@@ -237,12 +237,7 @@ async fn the_transaction_begins_only_after_the_product_lock_is_held(kind: DbKind
     let mut locks = server.locks().await;
     set(&mut stock, "gpu", 10).await;
 
-    let held = locks
-        .acquire(acquire("stock/gpu", secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(held.acquired);
+    let held = take(&locks, "stock/gpu", secs(30)).await;
     let mut buyer = server.stock().await;
     let buying = tokio::spawn(async move {
         buyer
@@ -566,11 +561,7 @@ async fn set_stock_waits_for_the_product_lock(kind: DbKind) {
     let mut stock = server.stock().await;
     let mut locks = server.locks().await;
     set(&mut stock, "desk", 1).await;
-    let held = locks
-        .acquire(acquire("stock/desk", secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&locks, "stock/desk", secs(30)).await;
     let mut setter = server.stock().await;
     let setting = tokio::spawn(async move {
         setter
@@ -763,11 +754,7 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
     let mut stock = server.stock().await;
     let mut locks = server.locks().await;
     set(&mut stock, "kiosk", 10).await;
-    let held = locks
-        .acquire(acquire("stock/kiosk", secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&locks, "stock/kiosk", secs(30)).await;
 
     // A leads (waits for the lock); B and C queue behind it in the process; B gives up.
     let spawn_order = |id: &'static str| {
@@ -832,11 +819,7 @@ async fn an_order_id_raced_for_other_products_applies_once_and_its_batch_mates_s
 
     // "twin" (right) leads a batch on "right" and waits for its lock; "solo" queues behind it
     // in the same process and joins that batch.
-    let held = locks
-        .acquire(acquire("stock/right", secs(30), Duration::ZERO))
-        .await
-        .unwrap()
-        .into_inner();
+    let held = take(&locks, "stock/right", secs(30)).await;
     let spawn_order = |id: &'static str, product: &'static str| {
         let mut client = stock.clone();
         tokio::spawn(async move {

@@ -561,6 +561,26 @@ pub async fn inspect(client: &LockServiceClient<Channel>, name: &str) -> pb::Ins
         .into_inner()
 }
 
+/// A scenario's opening move: takes lock `name` at once (no wait) with `lease`, and fails the
+/// test, naming the lock, unless it was granted.
+pub async fn take(
+    client: &LockServiceClient<Channel>,
+    name: &str,
+    lease: Duration,
+) -> pb::AcquireResponse {
+    let answer = client
+        .clone()
+        .acquire(acquire(name, lease, Duration::ZERO))
+        .await
+        .unwrap_or_else(|status| panic!("acquiring {name} failed: {status:?}"))
+        .into_inner();
+    assert!(
+        answer.acquired,
+        "{name} was not granted at once: {answer:?}"
+    );
+    answer
+}
+
 /// Waits (at most `within`) until lock `name` reports exactly `count` waiters.
 pub async fn wait_for_waiters(
     client: &LockServiceClient<Channel>,
