@@ -391,12 +391,7 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
 
     // Capacity comes back as waiters leave: the release hands the lock to one of the two
     // waiters (either), whose release hands it to the other.
-    c.release(pb::ReleaseRequest {
-        name: "flood/a".into(),
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    let_go(&c, "flood/a", &a.token).await;
     let (mut w1, mut w2) = (w1, w2);
     let (first, second) = tokio::select! {
         first = &mut w1 => (first, w2),
@@ -404,12 +399,7 @@ async fn a_flood_of_waiters_or_hold_streams_is_refused_with_resource_exhausted()
     };
     let granted = first.unwrap().unwrap().into_inner();
     assert!(granted.acquired);
-    c.release(pb::ReleaseRequest {
-        name: "flood/a".into(),
-        token: granted.token,
-    })
-    .await
-    .unwrap();
+    let_go(&c, "flood/a", &granted.token).await;
     assert!(second.await.unwrap().unwrap().into_inner().acquired);
     w3.abort();
     wait_for_waiters(&observer, "flood/b", 0, secs(10)).await;

@@ -16,7 +16,7 @@ const NAME: &str = "orders/42";
 /// after the release the waiter had the lock (it must get it; the lease is 30 s, so only an
 /// unlock message gets it there sooner).
 async fn release_to_a_waiter(server: &Latchkey) -> Duration {
-    let mut holder = server.locks().await;
+    let holder = server.locks().await;
     let mut waiter = server.locks().await;
     let held = take(&holder, NAME, secs(30)).await;
     let waiting = tokio::spawn(async move {
@@ -27,13 +27,7 @@ async fn release_to_a_waiter(server: &Latchkey) -> Duration {
     tokio::time::sleep(ms(100)).await; // the waiter is asleep now
 
     let released_at = Instant::now();
-    holder
-        .release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
+    let_go(&holder, NAME, &held.token).await;
     let (answer, answered_at) = waiting.await.unwrap();
     assert!(answer.unwrap().into_inner().acquired);
     answered_at - released_at
@@ -359,12 +353,7 @@ async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_
         let grant = take(&c, NAME, secs(30)).await;
         assert!(grant.fence > last, "fence {} after {last}", grant.fence);
         last = grant.fence;
-        c.release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: grant.token,
-        })
-        .await
-        .unwrap();
+        let_go(&c, NAME, &grant.token).await;
     }
     // Re-entry does not bump the fence.
     let held = take(&c, NAME, secs(30)).await;
@@ -464,7 +453,7 @@ async fn a_restarted_redis_gets_the_scripts_back_before_any_call_needs_them() {
 async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
-    let mut holder = server.locks().await;
+    let holder = server.locks().await;
     let held = take(&holder, NAME, secs(30)).await;
 
     // 1. The gRPC deadline (300 ms) is shorter than the requested wait (20 s).
@@ -487,13 +476,7 @@ async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
     wait_for_waiters(&holder, NAME, 0, secs(5)).await;
 
     // Once the holder lets go, nobody may have taken the lock on behalf of the gone callers.
-    holder
-        .release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
+    let_go(&holder, NAME, &held.token).await;
     tokio::time::sleep(ms(500)).await;
     let state = inspect(&holder, NAME).await;
     assert!(
@@ -506,7 +489,7 @@ async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
 async fn waiters_on_one_lock_share_one_subscription_that_ends_with_the_last_waiter() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
-    let mut holder = server.locks().await;
+    let holder = server.locks().await;
     let held = take(&holder, NAME, secs(30)).await;
 
     let mut waiters = Vec::new();
@@ -519,12 +502,7 @@ async fn waiters_on_one_lock_share_one_subscription_that_ends_with_the_last_wait
                 .unwrap()
                 .into_inner();
             assert!(grant.acquired);
-            c.release(pb::ReleaseRequest {
-                name: NAME.into(),
-                token: grant.token,
-            })
-            .await
-            .unwrap();
+            let_go(&c, NAME, &grant.token).await;
         }));
     }
     wait_for_waiters(&holder, NAME, 20, secs(10)).await;
@@ -548,13 +526,7 @@ async fn waiters_on_one_lock_share_one_subscription_that_ends_with_the_last_wait
     );
 
     // Each release hands the lock to the next waiter, through unlock messages only.
-    holder
-        .release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
+    let_go(&holder, NAME, &held.token).await;
     for waiter in waiters {
         tokio::time::timeout(secs(20), waiter)
             .await
@@ -689,14 +661,7 @@ async fn an_acquire_whose_answer_a_dropped_connection_lost_still_gets_its_grant(
             "{name}: {state:?}"
         );
         // The token it got is the one that holds the lock: it can release it.
-        let released = c
-            .release(pb::ReleaseRequest {
-                name: name.into(),
-                token: granted.token,
-            })
-            .await
-            .unwrap();
-        assert!(released.get_ref().released, "{name}");
+        let_go(&c, name, &granted.token).await;
     }
 }
 
@@ -897,12 +862,7 @@ async fn a_lock_taken_again_after_a_release_costs_redis_no_more_than_a_fresh_one
     assert!(c.acquire(take(fresh)).await.unwrap().into_inner().acquired);
     let first = c.acquire(take(reused)).await.unwrap().into_inner();
     assert!(first.acquired);
-    c.release(pb::ReleaseRequest {
-        name: reused.into(),
-        token: first.token,
-    })
-    .await
-    .unwrap();
+    let_go(&c, reused, &first.token).await;
     assert!(c.acquire(take(reused)).await.unwrap().into_inner().acquired);
 
     let client = redis.client().await;
@@ -953,12 +913,7 @@ async fn an_acquire_that_lost_its_answer_to_a_stalled_redis_leaves_no_lock_behin
             again.acquired,
             "{name}: the lock stayed taken by the lost grant"
         );
-        c.release(pb::ReleaseRequest {
-            name: name.into(),
-            token: again.token,
-        })
-        .await
-        .unwrap();
+        let_go(&c, name, &again.token).await;
     }
 }
 

@@ -8,7 +8,6 @@ use std::{
 };
 
 use common::*;
-use latchkey::grpc::pb;
 
 fn scrape(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint listens");
@@ -50,10 +49,5 @@ async fn metrics_show_acquire_latency_wait_outcomes_holds_and_redis_health() {
             "{expected:?} missing from:\n{body}"
         );
     }
-    c.release(pb::ReleaseRequest {
-        name: "m/1".into(),
-        token: held.token,
-    })
-    .await
-    .unwrap();
+    let_go(&c, "m/1", &held.token).await;
 }

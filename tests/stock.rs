@@ -234,7 +234,7 @@ async fn the_transaction_begins_only_after_the_product_lock_is_held(kind: DbKind
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    let mut locks = server.locks().await;
+    let locks = server.locks().await;
     set(&mut stock, "gpu", 10).await;
 
     let held = take(&locks, "stock/gpu", secs(30)).await;
@@ -253,13 +253,7 @@ async fn the_transaction_begins_only_after_the_product_lock_is_held(kind: DbKind
         .execute(&pool)
         .await
         .unwrap();
-    locks
-        .release(pb::ReleaseRequest {
-            name: "stock/gpu".into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
+    let_go(&locks, "stock/gpu", &held.token).await;
 
     let status = buying.await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -559,7 +553,7 @@ async fn set_stock_waits_for_the_product_lock(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    let mut locks = server.locks().await;
+    let locks = server.locks().await;
     set(&mut stock, "desk", 1).await;
     let held = take(&locks, "stock/desk", secs(30)).await;
     let mut setter = server.stock().await;
@@ -577,13 +571,7 @@ async fn set_stock_waits_for_the_product_lock(kind: DbKind) {
         1,
         "not set while the lock is held elsewhere"
     );
-    locks
-        .release(pb::ReleaseRequest {
-            name: "stock/desk".into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
+    let_go(&locks, "stock/desk", &held.token).await;
     let set = setting.await.unwrap().unwrap().into_inner();
     assert_eq!(set.level.unwrap().stock, 50);
     assert_eq!(level(&stock, "desk").await, 50);
@@ -752,7 +740,7 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
     let db = TestDb::new(DbKind::Sqlite).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    let mut locks = server.locks().await;
+    let locks = server.locks().await;
     set(&mut stock, "kiosk", 10).await;
     let held = take(&locks, "stock/kiosk", secs(30)).await;
 
@@ -773,13 +761,7 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
     tokio::time::sleep(ms(300)).await;
     b.abort();
     tokio::time::sleep(ms(100)).await;
-    locks
-        .release(pb::ReleaseRequest {
-            name: "stock/kiosk".into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
+    let_go(&locks, "stock/kiosk", &held.token).await;
 
     assert_eq!(a.await.unwrap().unwrap().into_inner().remaining[0].stock, 9);
     let c = tokio::time::timeout(secs(20), c)
@@ -813,7 +795,7 @@ async fn an_order_id_raced_for_other_products_applies_once_and_its_batch_mates_s
     config.stock.fault_txn_delay = secs(1);
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
-    let mut locks = server.locks().await;
+    let locks = server.locks().await;
     set(&mut stock, "left", 10).await;
     set(&mut stock, "right", 10).await;
 
@@ -837,13 +819,7 @@ async fn an_order_id_raced_for_other_products_applies_once_and_its_batch_mates_s
     // starts as soon as its lock is free, well within the other's 1 s pause.
     let twin_left = spawn_order("twin", "left");
     tokio::time::sleep(ms(100)).await;
-    locks
-        .release(pb::ReleaseRequest {
-            name: "stock/right".into(),
-            token: held.token,
-        })
-        .await
-        .unwrap();
+    let_go(&locks, "stock/right", &held.token).await;
 
     let left = twin_left.await.unwrap().expect("the first twin applies");
     assert_eq!(left.into_inner().remaining[0].stock, 9);

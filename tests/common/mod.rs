@@ -581,6 +581,21 @@ pub async fn take(
     answer
 }
 
+/// Releases lock `name` held once under `token`, and fails the test, naming the lock, unless
+/// the lock is free now.
+pub async fn let_go(client: &LockServiceClient<Channel>, name: &str, token: &str) {
+    let answer = client
+        .clone()
+        .release(pb::ReleaseRequest {
+            name: name.into(),
+            token: token.into(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("releasing {name} failed: {status:?}"))
+        .into_inner();
+    assert!(answer.released, "{name} is still held: {answer:?}");
+}
+
 /// Waits (at most `within`) until lock `name` reports exactly `count` waiters.
 pub async fn wait_for_waiters(
     client: &LockServiceClient<Channel>,
