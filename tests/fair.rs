@@ -10,8 +10,7 @@ use std::{
 
 use common::*;
 use fred::prelude::*;
-use latchkey::grpc::pb::{self, lock_service_client::LockServiceClient};
-use tonic::transport::Channel;
+use latchkey::grpc::pb;
 
 const NAME: &str = "tickets/front-row";
 
@@ -20,16 +19,6 @@ fn fair(name: &str, lease: Duration, wait: Duration) -> pb::AcquireRequest {
         fair: true,
         ..acquire(name, lease, wait)
     }
-}
-
-async fn release(client: &mut LockServiceClient<Channel>, name: &str, token: String) {
-    client
-        .release(pb::ReleaseRequest {
-            name: name.into(),
-            token,
-        })
-        .await
-        .expect("release");
 }
 
 /// How many EVALSHA calls Redis has served (every latchkey script call is one).
@@ -66,13 +55,13 @@ async fn fifty_waiters_on_three_processes_get_the_lock_in_the_order_they_joined(
                 .into_inner();
             assert!(grant.acquired, "waiter {i} timed out");
             granted.lock().unwrap().push(i);
-            release(&mut client, NAME, grant.token).await;
+            let_go(&client, NAME, &grant.token).await;
         }));
         // Joined (queued in Redis) before the next one starts: the join order is 0, 1, 2, ...
         wait_for_waiters(&observer, NAME, i + 1, secs(10)).await;
     }
 
-    release(&mut observer, NAME, held.token).await;
+    let_go(&observer, NAME, &held.token).await;
     for waiter in waiting {
         tokio::time::timeout(secs(60), waiter)
             .await
@@ -111,7 +100,7 @@ async fn a_release_wakes_only_the_head_of_the_queue_in_whichever_process_it_wait
     tokio::time::sleep(ms(500)).await;
     let redis_client = redis.client().await;
     let before = script_calls(&redis_client).await;
-    release(&mut holder, NAME, held.token).await;
+    let_go(&holder, NAME, &held.token).await;
     let first = queued.remove(0);
     let grant = tokio::time::timeout(secs(10), first)
         .await
@@ -164,7 +153,7 @@ async fn waiters_behind_a_killed_process_get_the_lock_within_the_purge_bound() {
 
     doomed.kill9();
     let killed_at = Instant::now();
-    release(&mut holder, NAME, held.token).await;
+    let_go(&holder, NAME, &held.token).await;
     let (grant, granted_at) = behind.await.unwrap();
     assert!(grant.unwrap().into_inner().acquired);
     let stalled = granted_at - killed_at;
@@ -220,7 +209,7 @@ async fn fair_waiters_that_time_out_or_are_cancelled_leave_no_trace() {
     assert_eq!((queue, entries), (0, 0), "no trace in Redis");
 
     // Nobody is (invisibly) ahead: a try-once fair acquire gets the freed lock at once.
-    release(&mut holder, NAME, held.token).await;
+    let_go(&holder, NAME, &held.token).await;
     let next = holder
         .acquire(fair(NAME, secs(30), Duration::ZERO))
         .await
@@ -239,7 +228,7 @@ async fn stock_goes_to_the_first_ten_of_a_hundred_buyers_in_arrival_order() {
     config.stock.stock_group_commit = false;
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
-    let mut locks = server.locks().await;
+    let locks = server.locks().await;
     stock
         .set_stock(pb::SetStockRequest {
             product_id: "console".into(),
@@ -265,7 +254,7 @@ async fn stock_goes_to_the_first_ten_of_a_hundred_buyers_in_arrival_order() {
         }));
         wait_for_waiters(&locks, "stock/console", i + 1, secs(10)).await;
     }
-    release(&mut locks, "stock/console", held.token).await;
+    let_go(&locks, "stock/console", &held.token).await;
 
     let mut winners = Vec::new();
     for buyer in buyers {

@@ -37,18 +37,6 @@ fn request(name: &str, wait: Duration, fair: bool) -> pb::AcquireRequest {
     }
 }
 
-async fn release(client: &mut LockServiceClient<Channel>, name: &str, token: String) {
-    let released = client
-        .release(pb::ReleaseRequest {
-            name: name.into(),
-            token,
-        })
-        .await
-        .expect("release")
-        .into_inner();
-    assert!(released.released, "the holder's release must free its hold");
-}
-
 /// Two clients pass one lock back and forth `rounds` times each. Every wait must end in a
 /// grant well before the 60 s lease (or the 20 s fair refresh) could have rescued it.
 async fn ping_pong(server: &Latchkey, name: &str, fair: bool, rounds: usize) {
@@ -70,7 +58,7 @@ async fn ping_pong(server: &Latchkey, name: &str, fair: bool, rounds: usize) {
                     "round {round}: the wait ran out while the other client passed the lock on: a wake-up was lost"
                 );
                 fences.lock().unwrap().push(grant.fence);
-                release(&mut client, &name, grant.token).await;
+                let_go(&client, &name, &grant.token).await;
             }
         });
     }
@@ -128,12 +116,12 @@ async fn a_release_hands_the_lock_to_local_waiters_in_the_order_they_arrived() {
                 .into_inner();
             assert!(grant.acquired, "waiter {waiter} was not granted");
             order.lock().unwrap().push((waiter, grant.fence));
-            release(&mut client, name, grant.token).await;
+            let_go(&client, name, &grant.token).await;
         });
         // Let each waiter register before the next one arrives.
         wait_for_waiters(&holder, name, waiter + 1, secs(10)).await;
     }
-    release(&mut holder, name, first.token).await;
+    let_go(&holder, name, &first.token).await;
     while let Some(done) = waiters.join_next().await {
         done.expect("waiter");
     }
@@ -171,7 +159,7 @@ async fn waiters_giving_up_while_the_lock_is_passed_around_never_strand_it() {
                 let grant = answer.expect("acquire").into_inner();
                 if grant.acquired {
                     granted += 1;
-                    release(&mut client, name, grant.token).await;
+                    let_go(&client, name, &grant.token).await;
                 }
             }
             granted
@@ -222,7 +210,7 @@ async fn local_hand_offs_never_pass_over_a_waiter_of_another_replica() {
                     .unwrap()
                     .into_inner();
                 if grant.acquired {
-                    release(&mut client, name, grant.token).await;
+                    let_go(&client, name, &grant.token).await;
                 }
             }
         });
@@ -246,7 +234,7 @@ async fn local_hand_offs_never_pass_over_a_waiter_of_another_replica() {
         grant.acquired,
         "the other replica's waiter was passed over by local hand-offs"
     );
-    release(&mut remote, name, grant.token).await;
+    let_go(&remote, name, &grant.token).await;
     while let Some(done) = locals.join_next().await {
         done.expect("local client");
     }
@@ -296,7 +284,7 @@ async fn assert_handed_to_the_waiter(
     waiting: Waiting,
     name: &str,
 ) {
-    let (mut waiter, grant) = waiting.await.expect("waiter task");
+    let (waiter, grant) = waiting.await.expect("waiter task");
     let grant = grant.expect("acquire").into_inner();
     assert!(
         grant.acquired,
@@ -305,7 +293,7 @@ async fn assert_handed_to_the_waiter(
     assert!(grant.fence > held_fence, "a hand-off is a new grant");
     let state = inspect(holder, name).await;
     assert!(state.held && state.hold_count == 1, "{state:?}");
-    release(&mut waiter, name, grant.token).await;
+    let_go(&waiter, name, &grant.token).await;
     assert!(!inspect(holder, name).await.held);
 }
 
@@ -329,7 +317,7 @@ async fn a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(fair:
         .await
         .expect("acquire")
         .into_inner();
-    release(&mut holder, "lost/warm-up", warm_up.token).await;
+    let_go(&holder, "lost/warm-up", &warm_up.token).await;
     let admin = redis.client().await;
     let (mut holder, held, waiting) = held_with_a_waiter(&server, &admin, name, fair).await;
 

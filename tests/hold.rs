@@ -340,13 +340,7 @@ async fn a_latchkey_process_killed_with_holds_and_waiters_does_not_stop_the_othe
         let waiting = tokio::spawn(async move { waiter.acquire(request).await });
         tokio::time::sleep(ms(200)).await;
         let released_at = Instant::now();
-        others
-            .release(pb::ReleaseRequest {
-                name: name.into(),
-                token,
-            })
-            .await
-            .unwrap();
+        let_go(&others, name, &token).await;
         assert!(
             waiting.await.unwrap().unwrap().into_inner().acquired,
             "{name}"
