@@ -343,6 +343,64 @@ async fn reentering_with_the_owners_token_counts_holds_and_keeps_the_fence() {
     );
 }
 
+/// A Release of one of two holds times out on a stalled Redis (CLIENT PAUSE past
+/// `redis_timeout`): its caller hears UNAVAILABLE, yet the release runs once Redis resumes.
+/// What the README tells a re-entering caller to do before repeating it works: Inspect shows
+/// the caller's own grant (the same fence) with one hold left, and the one Release still due
+/// frees the lock. (Repeating the lost Release instead would have freed it a hold early.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_release_lost_to_a_stalled_redis_inspect_shows_the_holder_what_is_left() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.redis.redis_timeout = ms(300);
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+    // One release first, so Redis has the release script loaded: a release that must load it
+    // again (NOSCRIPT) after its first try timed out never runs at all.
+    let warm_up = take(&c, "warm-up", secs(1)).await;
+    let_go(&c, "warm-up", &warm_up.token).await;
+    let first = take(&c, NAME, secs(60)).await;
+    let reentered = c
+        .acquire(pb::AcquireRequest {
+            token: first.token.clone(),
+            ..acquire(NAME, secs(60), Duration::ZERO)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        reentered.acquired && reentered.hold_count == 2,
+        "{reentered:?}"
+    );
+
+    pause_clients(&redis.client().await, 2000).await;
+    let lost = c
+        .release(pb::ReleaseRequest {
+            name: NAME.into(),
+            token: first.token.clone(),
+        })
+        .await
+        .expect_err("Redis is paused past the release's timeout");
+    assert_eq!(lost.code(), Code::Unavailable, "{lost:?}");
+
+    // Inspect fails too while Redis is paused; once it answers, the lost release has run.
+    let give_up = Instant::now() + secs(15);
+    let state = loop {
+        match c.inspect(pb::InspectRequest { name: NAME.into() }).await {
+            Ok(state) => break state.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < give_up, "Redis never answered again");
+            }
+        }
+    };
+    assert!(
+        state.held && state.fence == first.fence && state.hold_count == 1,
+        "the caller's own grant with one hold left: {state:?}"
+    );
+    let_go(&c, NAME, &first.token).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fences_strictly_increase_across_grants_and_across_a_redis_restart_that_lost_all_data() {
     let mut redis = RedisServer::start();
