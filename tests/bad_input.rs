@@ -1,9 +1,11 @@
 //! Bad input: every malformed or out-of-limit field is answered INVALID_ARGUMENT with a message
-//! that starts with the field's name and states the limit, and no Redis key is touched.
+//! that starts with the field's name and states the limit, and no Redis key is touched. Every
+//! limit is a setting, and every setting is in the README's Configuration table as
+//! `latchkey serve --help` states it.
 
 mod common;
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use common::*;
 use fred::prelude::*;
@@ -503,5 +505,107 @@ fn latchkey_logs_its_redis_url_without_the_password() {
     assert!(
         !logged.contains("s3cret"),
         "the password was logged: {logged}"
+    );
+}
+
+/// One setting as documented: its flag, its environment variable and its default (`None` when
+/// it has none).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Setting {
+    flag: String,
+    env: String,
+    default: Option<String>,
+}
+
+/// The settings `latchkey serve --help` lists: each option's `--flag <VALUE>` line (with or
+/// without a short form) and the `[env: NAME=]` and `[default: VALUE]` clap appends to its help
+/// text. `--help` itself is not a setting.
+fn settings_in_help(help: &str) -> Vec<Setting> {
+    let mut blocks: Vec<String> = Vec::new();
+    for line in help.lines() {
+        if line.trim_start().starts_with('-') {
+            blocks.push(String::new());
+        }
+        if let Some(block) = blocks.last_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    blocks
+        .iter()
+        .filter_map(|block| {
+            let flag = block.split_whitespace().find(|w| w.starts_with("--"))?;
+            let flag = flag.trim_end_matches(',');
+            if flag == "--help" {
+                return None;
+            }
+            let bracket = |tag: &str| {
+                let start = block.find(tag)? + tag.len();
+                let len = block[start..].find(']')?;
+                Some(block[start..start + len].trim_end_matches('=').to_owned())
+            };
+            let env = bracket("[env: ")
+                .unwrap_or_else(|| panic!("{flag} has no environment variable in --help"));
+            Some(Setting {
+                flag: flag.to_owned(),
+                env,
+                default: bracket("[default: "),
+            })
+        })
+        .collect()
+}
+
+/// The rows of the README's Configuration table that name a flag: "| `--flag` / `ENV` |
+/// `default` | meaning |", a default of "off" meaning none.
+fn settings_in_readme(readme: &str) -> Vec<Setting> {
+    let section = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README has a Configuration section");
+    let unquote = |cell: &str| cell.trim().trim_matches('`').to_owned();
+    section
+        .lines()
+        .filter(|line| line.starts_with("| `--"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').collect();
+            let (flag, env) = cells[1]
+                .split_once(" / ")
+                .unwrap_or_else(|| panic!("`--flag` / `ENV` in {line}"));
+            let default = unquote(cells[2]);
+            Setting {
+                flag: unquote(flag),
+                env: unquote(env),
+                default: (default != "off").then_some(default),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its_default() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("run latchkey serve --help");
+    assert!(out.status.success(), "latchkey serve --help: {out:?}");
+    let from_help: BTreeSet<Setting> = settings_in_help(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .collect();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let from_readme: BTreeSet<Setting> = settings_in_readme(&readme).into_iter().collect();
+    assert!(
+        from_help.len() >= 25,
+        "parsed too few options: {from_help:#?}"
+    );
+    // A flag added without a row, a row left for a removed flag, or a default changed on one
+    // side only shows up as one line on each side.
+    let undocumented: Vec<_> = from_help.difference(&from_readme).collect();
+    let stale: Vec<_> = from_readme.difference(&from_help).collect();
+    assert!(
+        undocumented.is_empty() && stale.is_empty(),
+        "latchkey serve --help has, the README's Configuration table has not: {undocumented:#?}\n\
+         the README has, --help has not: {stale:#?}"
     );
 }
