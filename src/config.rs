@@ -70,11 +70,12 @@ pub struct RedisConfig {
     pub redis_url: String,
 
     /// Longest time one Redis command may take before the RPC that needs it fails with
-    /// UNAVAILABLE. Bounds every RPC while Redis is unreachable.
+    /// UNAVAILABLE. Bounds every RPC while Redis is unreachable. Allowed: above zero.
     #[arg(long, env = "LATCHKEY_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub redis_timeout: Duration,
 
     /// Number of Redis connections for lock commands (the pub/sub connection is extra).
+    /// Allowed: 1 to 256.
     #[arg(long, env = "LATCHKEY_REDIS_POOL_SIZE", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub redis_pool_size: u16,
@@ -83,20 +84,22 @@ pub struct RedisConfig {
 #[derive(Debug, Clone, Args)]
 pub struct LockConfig {
     /// Prefix of every Redis key and channel latchkey uses (`PREFIX:{name}:lock`, ...).
-    /// Several deployments can share one Redis with different prefixes.
+    /// Several deployments can share one Redis with different prefixes. Allowed: not empty,
+    /// no `{` or `}`.
     #[arg(long, env = "LATCHKEY_KEY_PREFIX", default_value = "latchkey")]
     pub key_prefix: String,
 
-    /// Longest lock name, in bytes of UTF-8.
+    /// Longest lock name, in bytes of UTF-8. Allowed: 1 to 65536.
     #[arg(long, env = "LATCHKEY_MAX_NAME_LEN", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub max_name_len: u32,
 
-    /// Lease granted when a request leaves `lease` unset.
+    /// Lease granted when a request leaves `lease` unset. Allowed: from --min-lease to
+    /// --max-lease.
     #[arg(long, env = "LATCHKEY_DEFAULT_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub default_lease: Duration,
 
-    /// Shortest lease a request may ask for.
+    /// Shortest lease a request may ask for. Allowed: from 1ms to --max-lease.
     #[arg(long, env = "LATCHKEY_MIN_LEASE", default_value = "10ms", value_parser = parse_duration)]
     pub min_lease: Duration,
 
@@ -116,24 +119,24 @@ pub struct LockConfig {
 
     /// Most callers of this server waiting on one lock name at once (Acquire waits, Hold
     /// streams waiting for their grant, ReduceStock orders queued for one product set). More
-    /// are refused with RESOURCE_EXHAUSTED.
+    /// are refused with RESOURCE_EXHAUSTED. Allowed: at least 1.
     #[arg(long, env = "LATCHKEY_MAX_WAITERS_PER_NAME", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waiters_per_name: u32,
 
-    /// Most callers waiting on this server at once, over all names.
+    /// Most callers waiting on this server at once, over all names. Allowed: at least 1.
     #[arg(long, env = "LATCHKEY_MAX_WAITERS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waiters: u32,
 
-    /// Most Hold streams open on this server at once.
+    /// Most Hold streams open on this server at once. Allowed: at least 1.
     #[arg(long, env = "LATCHKEY_MAX_HOLD_STREAMS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_hold_streams: u32,
 
     /// How long a queued fair waiter stays in its lock's queue without its latchkey process
     /// refreshing it (every third of this). A waiter whose process died is skipped at most
-    /// 4/3 of this after the death: 2s by default.
+    /// 4/3 of this after the death: 2s by default. Allowed: at least 30ms.
     #[arg(long, env = "LATCHKEY_FAIR_WAITER_TIMEOUT", default_value = "1500ms", value_parser = parse_duration)]
     pub fair_waiter_timeout: Duration,
 
@@ -141,6 +144,7 @@ pub struct LockConfig {
     /// still be run by it later, granting the lock to a token nobody was told; latchkey
     /// releases that grant in the background, retrying for at most its lease. In a long outage
     /// every failing Acquire starts one; past this many, such a grant frees at its lease's end.
+    /// Allowed: at least 1.
     #[arg(long, env = "LATCHKEY_MAX_LOST_GRANT_RELEASES", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_lost_grant_releases: u32,
@@ -159,7 +163,7 @@ pub struct StockConfig {
     pub database_url: String,
 
     /// PostgreSQL connections. SQLite always uses one connection: it has one writer anyway,
-    /// and queueing in latchkey is cheaper than SQLite's busy-retry loop.
+    /// and queueing in latchkey is cheaper than SQLite's busy-retry loop. Allowed: 1 to 1024.
     #[arg(long, env = "LATCHKEY_DATABASE_POOL_SIZE", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub database_pool_size: u32,
@@ -170,23 +174,25 @@ pub struct StockConfig {
     pub database_timeout: Duration,
 
     /// Most items one order may have, counted as sent (before repeated products are merged).
+    /// Allowed: 1 to 10000.
     #[arg(long, env = "LATCHKEY_MAX_ORDER_ITEMS", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_order_items: u32,
 
-    /// Longest order_id, in bytes.
+    /// Longest order_id, in bytes. Allowed: 1 to 4096.
     #[arg(long, env = "LATCHKEY_MAX_ORDER_ID_LEN", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_order_id_len: u32,
 
     /// Longest product_id, in bytes. The product's lock is named `stock/PRODUCT_ID`, so this
-    /// plus 6 must fit in --max-name-len.
+    /// plus 6 must fit in --max-name-len. Allowed: 1 to 4096, and at most --max-name-len
+    /// minus 6.
     #[arg(long, env = "LATCHKEY_MAX_PRODUCT_ID_LEN", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_product_id_len: u32,
 
     /// Lease of the product locks a stock operation takes. A transaction still running when it
-    /// ends is aborted (ABORTED), never committed.
+    /// ends is aborted (ABORTED), never committed. Allowed: from --min-lease to --max-lease.
     #[arg(long, env = "LATCHKEY_STOCK_LEASE", default_value = "10s", value_parser = parse_duration)]
     pub stock_lease: Duration,
 
@@ -200,12 +206,13 @@ pub struct StockConfig {
     #[arg(long, env = "LATCHKEY_STOCK_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub stock_group_commit: bool,
 
-    /// Most orders in one group-commit transaction.
+    /// Most orders in one group-commit transaction. Allowed: 1 to 100000.
     #[arg(long, env = "LATCHKEY_STOCK_MAX_BATCH", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub stock_max_batch: u32,
 
-    /// Wait for product locks when a request leaves `wait_timeout` unset.
+    /// Wait for product locks when a request leaves `wait_timeout` unset. Allowed: at most
+    /// --max-wait.
     #[arg(long, env = "LATCHKEY_STOCK_WAIT", default_value = "5s", value_parser = parse_duration)]
     pub stock_wait: Duration,
 
@@ -220,7 +227,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         let l = &self.locks;
         anyhow::ensure!(
-            !l.min_lease.is_zero() && l.min_lease <= l.max_lease,
+            l.min_lease >= Duration::from_millis(1) && l.min_lease <= l.max_lease,
             "--min-lease must be at least 1ms and at most --max-lease"
         );
         anyhow::ensure!(
@@ -348,6 +355,73 @@ mod tests {
                 "{url}: {error}"
             );
         }
+    }
+
+    /// The `Allowed: A to B` and `Allowed: at least A` of a numeric setting's help (what the
+    /// README's table repeats) are the bounds clap enforces.
+    #[test]
+    fn every_numeric_bound_in_the_help_is_the_bound_enforced() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("a serve subcommand");
+        let parses = |flag: &str, value: u64| {
+            Cli::try_parse_from(["latchkey", "serve", flag, &value.to_string()]).is_ok()
+        };
+        let mut checked = 0;
+        for arg in serve.get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_long_help().or(arg.get_help()))
+            else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some(allowed) = help.split("Allowed: ").nth(1) else {
+                continue;
+            };
+            let words: Vec<&str> = allowed.split([' ', ',']).collect();
+            let number = |w: &str| w.parse::<u64>().ok();
+            let flag = format!("--{long}");
+            let (low, high) = match words.as_slice() {
+                ["at", "least", n, ..] => match number(n) {
+                    Some(low) => (low, None),
+                    None => continue, // a duration: see validate
+                },
+                [a, "to", b, ..] => match (number(a), number(b)) {
+                    (Some(low), Some(high)) => (low, Some(high)),
+                    _ => continue,
+                },
+                _ => continue, // a relation to another setting: see validate
+            };
+            assert!(parses(&flag, low), "{flag} {low} refused: {help}");
+            if low > 0 {
+                assert!(!parses(&flag, low - 1), "{flag} {} taken: {help}", low - 1);
+            }
+            if let Some(high) = high {
+                assert!(parses(&flag, high), "{flag} {high} refused: {help}");
+                assert!(
+                    !parses(&flag, high + 1),
+                    "{flag} {} taken: {help}",
+                    high + 1
+                );
+            }
+            checked += 1;
+        }
+        assert!(
+            checked >= 11,
+            "only {checked} numeric bounds found in the help"
+        );
+    }
+
+    #[test]
+    fn a_min_lease_below_redis_millisecond_resolution_is_refused() {
+        let mut config = Config::for_redis("127.0.0.1:0".parse().expect("an address"), "redis://x");
+        config.locks.min_lease = Duration::from_micros(999);
+        let error = config.validate().expect_err("999us").to_string();
+        assert!(
+            error.contains("--min-lease must be at least 1ms"),
+            "{error}"
+        );
+        config.locks.min_lease = Duration::from_millis(1);
+        config.validate().expect("1ms");
     }
 
     #[test]

@@ -508,18 +508,20 @@ fn latchkey_logs_its_redis_url_without_the_password() {
     );
 }
 
-/// One setting as documented: its flag, its environment variable and its default (`None` when
-/// it has none).
+/// One setting as documented: its flag, its environment variable, its default and the values
+/// it allows (`None` when it has none, or states none).
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Setting {
     flag: String,
     env: String,
     default: Option<String>,
+    allowed: Option<String>,
 }
 
 /// The settings `latchkey serve --help` lists: each option's `--flag <VALUE>` line (with or
-/// without a short form) and the `[env: NAME=]` and `[default: VALUE]` clap appends to its help
-/// text. `--help` itself is not a setting.
+/// without a short form), the `Allowed: ...` sentence that ends its help text where it has
+/// bounds, and the `[env: NAME=]` and `[default: VALUE]` clap appends. `--help` itself is not a
+/// setting.
 fn settings_in_help(help: &str) -> Vec<Setting> {
     let mut blocks: Vec<String> = Vec::new();
     for line in help.lines() {
@@ -546,17 +548,23 @@ fn settings_in_help(help: &str) -> Vec<Setting> {
             };
             let env = bracket("[env: ")
                 .unwrap_or_else(|| panic!("{flag} has no environment variable in --help"));
+            let allowed = block.find("Allowed: ").map(|start| {
+                let rest = &block[start + "Allowed: ".len()..];
+                let end = rest.find(" [").unwrap_or(rest.len());
+                rest[..end].split_whitespace().collect::<Vec<_>>().join(" ")
+            });
             Some(Setting {
                 flag: flag.to_owned(),
                 env,
                 default: bracket("[default: "),
+                allowed,
             })
         })
         .collect()
 }
 
 /// The rows of the README's Configuration table that name a flag: "| `--flag` / `ENV` |
-/// `default` | meaning |", a default of "off" meaning none.
+/// `default` | meaning; allowed: VALUES |", a default of "off" meaning none.
 fn settings_in_readme(readme: &str) -> Vec<Setting> {
     let section = readme
         .split("\n## Configuration\n")
@@ -573,17 +581,22 @@ fn settings_in_readme(readme: &str) -> Vec<Setting> {
                 .split_once(" / ")
                 .unwrap_or_else(|| panic!("`--flag` / `ENV` in {line}"));
             let default = unquote(cells[2]);
+            let allowed = cells[3]
+                .split_once("; allowed: ")
+                .map(|(_, values)| values.trim().to_owned());
             Setting {
                 flag: unquote(flag),
                 env: unquote(env),
                 default: (default != "off").then_some(default),
+                allowed,
             }
         })
         .collect()
 }
 
 #[test]
-fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its_default() {
+fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its_default_and_bounds()
+ {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
         .args(["serve", "--help"])
         .output()
@@ -599,8 +612,10 @@ fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its
         from_help.len() >= 25,
         "parsed too few options: {from_help:#?}"
     );
-    // A flag added without a row, a row left for a removed flag, or a default changed on one
-    // side only shows up as one line on each side.
+    let bounded = from_help.iter().filter(|s| s.allowed.is_some()).count();
+    assert!(bounded >= 15, "parsed too few bounds: {from_help:#?}");
+    // A flag added without a row, a row left for a removed flag, or a default or bound changed
+    // on one side only shows up as one entry on each side.
     let undocumented: Vec<_> = from_help.difference(&from_readme).collect();
     let stale: Vec<_> = from_readme.difference(&from_help).collect();
     assert!(
