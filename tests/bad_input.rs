@@ -199,6 +199,25 @@ async fn bad_input_is_refused_naming_the_field_and_the_limit_and_touches_no_redi
             "token",
             "UUID",
         ),
+        (
+            "malformed request_id on a re-entry",
+            pb::AcquireRequest {
+                token: token.clone(),
+                request_id: "retry-1".into(),
+                ..valid.clone()
+            },
+            "request_id",
+            "must be a UUID",
+        ),
+        (
+            "request_id on a fresh acquire",
+            pb::AcquireRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                ..valid.clone()
+            },
+            "request_id",
+            "only a re-entry (with token) takes one",
+        ),
     ];
     for (case, request, field, words) in acquire_cases {
         expect_invalid(case, acquire_with(&mut c, request).await, field, words);
@@ -207,6 +226,7 @@ async fn bad_input_is_refused_naming_the_field_and_the_limit_and_touches_no_redi
     let release = |name: &str, token: &str| pb::ReleaseRequest {
         name: name.into(),
         token: token.into(),
+        ..Default::default()
     };
     expect_invalid(
         "release without token",
@@ -225,6 +245,16 @@ async fn bad_input_is_refused_naming_the_field_and_the_limit_and_touches_no_redi
         c.release(release("", &token)).await,
         "name",
         "empty",
+    );
+    expect_invalid(
+        "release malformed request_id",
+        c.release(pb::ReleaseRequest {
+            request_id: "1".into(),
+            ..release("orders/1", &token)
+        })
+        .await,
+        "request_id",
+        "must be a UUID",
     );
 
     let extend = |lease| pb::ExtendRequest {

@@ -109,6 +109,7 @@ async fn client_loop(
                 .release(pb::ReleaseRequest {
                     name: name.into(),
                     token: stranger,
+                    ..Default::default()
                 })
                 .await;
             match refused {
@@ -122,6 +123,7 @@ async fn client_loop(
             .release(pb::ReleaseRequest {
                 name: name.into(),
                 token: grant.token,
+                ..Default::default()
             })
             .await
             .is_ok_and(|r| r.get_ref().released);

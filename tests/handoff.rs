@@ -326,6 +326,7 @@ async fn a_hand_off_whose_release_lost_its_answer_still_reaches_the_waiter(fair:
         .release(pb::ReleaseRequest {
             name: name.into(),
             token: held.token,
+            ..Default::default()
         })
         .await
         .expect_err("Redis is paused past the release's timeout");
@@ -367,6 +368,7 @@ async fn a_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once_and_
             holder.release(pb::ReleaseRequest {
                 name: name.into(),
                 token: held.token,
+                ..Default::default()
             }),
         )
         .await
@@ -397,7 +399,7 @@ async fn a_fair_hand_off_whose_answer_a_dropped_connection_lost_is_answered_once
 async fn only_the_release_that_handed_the_lock_over_is_told_it_did() {
     use latchkey::lock::{
         Lease, Linger, LockName, Token,
-        store::{Attempt, HandOff, LockStore, ReleaseReply},
+        store::{Attempt, HandOff, LockStore, Op, ReleaseReply},
     };
     let redis = RedisServer::start();
     let config = test_config(&redis);
@@ -407,16 +409,18 @@ async fn only_the_release_that_handed_the_lock_over_is_told_it_did() {
 
     // The waiter takes a free lock by itself.
     let own = LockName::parse("probe/own".into(), &config.locks).expect("name");
-    let took = store.acquire(&own, holder, false, lease, None).await;
+    let took = store.acquire(&own, holder, None, lease, None).await;
     assert!(matches!(took, Ok(Attempt::Granted(_))), "{took:?}");
-    let took = store.acquire(&own, waiter, false, lease, None).await;
+    let took = store.acquire(&own, waiter, None, lease, None).await;
     assert!(matches!(took, Ok(Attempt::Busy { .. })), "{took:?}");
-    let freed = store.release(&own, holder, None, Linger::Keep).await;
+    let freed = store
+        .release(&own, holder, None, Linger::Keep, Op::of(None))
+        .await;
     assert!(
         matches!(freed, Ok(Ok(ReleaseReply::Released(_)))),
         "{freed:?}"
     );
-    let took = store.acquire(&own, waiter, false, lease, None).await;
+    let took = store.acquire(&own, waiter, None, lease, None).await;
     assert!(matches!(took, Ok(Attempt::Granted(_))), "{took:?}");
     for from in [holder, stranger] {
         assert_eq!(
@@ -428,11 +432,11 @@ async fn only_the_release_that_handed_the_lock_over_is_told_it_did() {
 
     // The holder's release hands the lock to the registered waiter.
     let handed = LockName::parse("probe/handed".into(), &config.locks).expect("name");
-    let took = store.acquire(&handed, holder, false, lease, None).await;
+    let took = store.acquire(&handed, holder, None, lease, None).await;
     assert!(matches!(took, Ok(Attempt::Granted(_))), "{took:?}");
     let waiter_id = waiter.waiter_id();
     let queued = store
-        .acquire(&handed, waiter, false, lease, Some((&waiter_id, LEASE)))
+        .acquire(&handed, waiter, None, lease, Some((&waiter_id, LEASE)))
         .await;
     assert!(matches!(queued, Ok(Attempt::Busy { .. })), "{queued:?}");
     let hand_off = HandOff {
@@ -442,7 +446,7 @@ async fn only_the_release_that_handed_the_lock_over_is_told_it_did() {
         plain_waiters: 1,
     };
     let released = store
-        .release(&handed, holder, Some(hand_off), Linger::Keep)
+        .release(&handed, holder, Some(hand_off), Linger::Keep, Op::of(None))
         .await
         .expect("release");
     let Ok(ReleaseReply::Handed(granted)) = released else {

@@ -65,6 +65,7 @@ async fn a_lock_goes_to_one_caller_and_is_free_again_after_release() {
         .release(pb::ReleaseRequest {
             name: NAME.into(),
             token: first.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -211,6 +212,7 @@ async fn release_and_extend_with_a_wrong_or_stale_token_change_nothing() {
     let release = |token: &str| pb::ReleaseRequest {
         name: NAME.into(),
         token: token.into(),
+        ..Default::default()
     };
     let extend = |token: &str| pb::ExtendRequest {
         name: NAME.into(),
@@ -322,6 +324,7 @@ async fn reentering_with_the_owners_token_counts_holds_and_keeps_the_fence() {
     let release = pb::ReleaseRequest {
         name: NAME.into(),
         token: first.token.clone(),
+        ..Default::default()
     };
     let once = c.release(release.clone()).await.unwrap().into_inner();
     assert!(!once.released && once.hold_count == 1);
@@ -378,6 +381,7 @@ async fn after_a_release_lost_to_a_stalled_redis_inspect_shows_the_holder_what_i
         .release(pb::ReleaseRequest {
             name: NAME.into(),
             token: first.token.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("Redis is paused past the release's timeout");
@@ -394,6 +398,179 @@ async fn after_a_release_lost_to_a_stalled_redis_inspect_shows_the_holder_what_i
             }
         }
     };
+    assert!(
+        state.held && state.fence == first.fence && state.hold_count == 1,
+        "the caller's own grant with one hold left: {state:?}"
+    );
+    let_go(&c, NAME, &first.token).await;
+}
+
+/// A Release carrying `request_id`, the same id as the Release the caller retries.
+fn release_as(name: &str, token: &str, request_id: &str) -> pb::ReleaseRequest {
+    pb::ReleaseRequest {
+        name: name.into(),
+        token: token.into(),
+        request_id: request_id.into(),
+    }
+}
+
+fn fresh_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A caller that retries a re-entry or a Release with the request_id of the first try (its
+/// answer lost, as far as the caller knows) is answered, not counted again: the hold count only
+/// moves once per id, and a retried Release that freed the lock still says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reentry_or_release_retried_with_its_request_id_counts_once() {
+    let redis = RedisServer::start();
+    let server = Latchkey::start(&redis).await;
+    let mut c = server.locks().await;
+    let first = take(&c, NAME, secs(60)).await;
+    let reenter = pb::AcquireRequest {
+        token: first.token.clone(),
+        request_id: fresh_id(),
+        ..acquire(NAME, secs(60), Duration::ZERO)
+    };
+    for attempt in ["first try", "retry"] {
+        let answer = c.acquire(reenter.clone()).await.unwrap().into_inner();
+        assert!(
+            answer.acquired && answer.hold_count == 2 && answer.fence == first.fence,
+            "{attempt}: {answer:?}"
+        );
+    }
+
+    let give_back_one = release_as(NAME, &first.token, &fresh_id());
+    for attempt in ["first try", "retry", "second retry"] {
+        let answer = c.release(give_back_one.clone()).await.unwrap().into_inner();
+        assert!(
+            !answer.released && answer.hold_count == 1,
+            "{attempt}: {answer:?}"
+        );
+    }
+    let state = c
+        .inspect(pb::InspectRequest { name: NAME.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(state.held && state.hold_count == 1, "{state:?}");
+
+    let free_it = release_as(NAME, &first.token, &fresh_id());
+    for attempt in ["first try", "retry"] {
+        let answer = c.release(free_it.clone()).await.unwrap().into_inner();
+        assert!(answer.released, "{attempt}: {answer:?}");
+    }
+    // A new id is a new Release: the lock is free, so there is nothing left to give back.
+    assert_refused(
+        c.release(release_as(NAME, &first.token, &fresh_id())).await,
+        Code::FailedPrecondition,
+        "not held",
+    );
+    // Another caller's grant does not make the old retry give back its hold either.
+    let next = take(&c, NAME, secs(60)).await;
+    let answer = c.release(free_it).await.unwrap().into_inner();
+    assert!(answer.released, "{answer:?}");
+    let state = c
+        .inspect(pb::InspectRequest { name: NAME.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        state.held && state.fence == next.fence && state.hold_count == 1,
+        "{state:?}"
+    );
+}
+
+/// A retried Release whose first run handed the lock to a waiter finds the waiter holding it:
+/// the retry changes nothing and says so (FAILED_PRECONDITION, another owner), and the waiter
+/// keeps its grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_retried_after_it_handed_the_lock_on_leaves_the_new_holder_alone() {
+    let redis = RedisServer::start();
+    let server = Latchkey::start(&redis).await;
+    let mut holder = server.locks().await;
+    let mut waiter = server.locks().await;
+    let held = take(&holder, NAME, secs(60)).await;
+    let waiting =
+        tokio::spawn(async move { waiter.acquire(acquire(NAME, secs(60), secs(20))).await });
+    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
+
+    let release = release_as(NAME, &held.token, &fresh_id());
+    let answer = holder.release(release.clone()).await.unwrap().into_inner();
+    assert!(answer.released, "{answer:?}");
+    let granted = waiting.await.unwrap().unwrap().into_inner();
+    assert!(granted.acquired, "{granted:?}");
+
+    assert_refused(
+        holder.release(release).await,
+        Code::FailedPrecondition,
+        "held by another owner",
+    );
+    let state = holder
+        .inspect(pb::InspectRequest { name: NAME.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        state.held && state.fence == granted.fence && state.hold_count == 1,
+        "{state:?}"
+    );
+    let_go(&holder, NAME, &granted.token).await;
+}
+
+/// The same Release of one of two holds as above, lost to a stalled Redis (CLIENT PAUSE past
+/// `redis_timeout`), but retried with its request_id, as the README advises: once Redis
+/// answers, the retry finds the first run and gives back nothing more, so the caller still
+/// holds the lock it re-entered, with one hold left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_lost_to_a_stalled_redis_and_retried_with_its_request_id_leaves_one_hold() {
+    let redis = RedisServer::start();
+    let mut config = test_config(&redis);
+    config.redis.redis_timeout = ms(300);
+    let server = Latchkey::start_with(config).await;
+    let mut c = server.locks().await;
+    // Loads the release script first: a release that must load it again (NOSCRIPT) after its
+    // first try timed out never runs at all, and would prove nothing.
+    let warm_up = take(&c, "warm-up", secs(1)).await;
+    let_go(&c, "warm-up", &warm_up.token).await;
+    let first = take(&c, NAME, secs(60)).await;
+    let reentered = c
+        .acquire(pb::AcquireRequest {
+            token: first.token.clone(),
+            ..acquire(NAME, secs(60), Duration::ZERO)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reentered.hold_count, 2, "{reentered:?}");
+
+    pause_clients(&redis.client().await, 2000).await;
+    let release = release_as(NAME, &first.token, &fresh_id());
+    let lost = c
+        .release(release.clone())
+        .await
+        .expect_err("Redis is paused past the release's timeout");
+    assert_eq!(lost.code(), Code::Unavailable, "{lost:?}");
+
+    let give_up = Instant::now() + secs(15);
+    let retried = loop {
+        match c.release(release.clone()).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < give_up, "Redis never answered again");
+            }
+        }
+    };
+    assert!(
+        !retried.released && retried.hold_count == 1,
+        "the retry counted again: {retried:?}"
+    );
+    let state = c
+        .inspect(pb::InspectRequest { name: NAME.into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(
         state.held && state.fence == first.fence && state.hold_count == 1,
         "the caller's own grant with one hold left: {state:?}"
@@ -494,6 +671,7 @@ async fn a_restarted_redis_gets_the_scripts_back_before_any_call_needs_them() {
     c.release(pb::ReleaseRequest {
         name: NAME.into(),
         token: grant.token,
+        ..Default::default()
     })
     .await
     .expect("release after the restart");
@@ -753,6 +931,7 @@ async fn a_reentry_or_release_whose_answer_a_dropped_connection_lost_counts_once
     let release = || pb::ReleaseRequest {
         name: NAME.into(),
         token: granted.token.clone(),
+        ..Default::default()
     };
     let once = link
         .losing_answer_to("EVALSHA", c.release(release()))
@@ -873,6 +1052,7 @@ async fn a_release_repeated_after_someone_else_took_the_lock_still_says_it_relea
     let release = || pb::ReleaseRequest {
         name: NAME.into(),
         token: held.token.clone(),
+        ..Default::default()
     };
 
     let (released, taken) = link

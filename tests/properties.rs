@@ -93,10 +93,15 @@ fn name() -> impl Strategy<Value = String> {
 fn any_acquire_request_is_granted_refused_or_rejected_by_field() {
     let live = Live::start();
     let token = prop_oneof![Just(String::new()), "[0-9a-f-]{0,40}"];
+    let request_id = prop_oneof![
+        Just(String::new()),
+        "[0-9a-f-]{0,40}",
+        Just(uuid::Uuid::new_v4().to_string())
+    ];
     live.check(
         200,
-        (name(), duration(), duration(), token),
-        |(name, lease, wait, token)| {
+        (name(), duration(), duration(), token, request_id),
+        |(name, lease, wait, token, request_id)| {
             let mut c = live.client();
             let request = pb::AcquireRequest {
                 name: name.clone(),
@@ -104,6 +109,7 @@ fn any_acquire_request_is_granted_refused_or_rejected_by_field() {
                 wait_timeout: wait,
                 token,
                 fair: false,
+                request_id,
             };
             // This name's lock as Redis holds it, before and after (other cases run in parallel
             // on the same Redis, so only this name's keys are compared).
@@ -126,6 +132,7 @@ fn any_acquire_request_is_granted_refused_or_rejected_by_field() {
                         let released = live.runtime.block_on(c.release(pb::ReleaseRequest {
                             name,
                             token: granted.token,
+                            ..Default::default()
                         }));
                         prop_assert!(released.is_ok());
                     }
@@ -141,7 +148,8 @@ fn any_acquire_request_is_granted_refused_or_rejected_by_field() {
                     if status.code() == Code::InvalidArgument {
                         let field = status.message().split(':').next().unwrap_or_default();
                         prop_assert!(
-                            ["name", "lease", "wait_timeout", "token"].contains(&field),
+                            ["name", "lease", "wait_timeout", "token", "request_id"]
+                                .contains(&field),
                             "{status:?}"
                         );
                         prop_assert_eq!(before, after, "a rejected request touched Redis");
@@ -234,6 +242,7 @@ fn operation_sequences_match_the_lock_model() {
                             .release(pb::ReleaseRequest {
                                 name: names[name].clone(),
                                 token: token.clone(),
+                                ..Default::default()
                             })
                             .await;
                         match model.get_mut(&name) {

@@ -20,7 +20,7 @@ use crate::{
     config::LockConfig,
     lock::{
         AcquireRequest, Acquired, Grant, HoldEnd, Lease, LockEngine, LockName, Lost, NotOwner,
-        Released, Token, WaitTimeout,
+        Released, RequestId, Token, WaitTimeout,
     },
 };
 
@@ -69,11 +69,21 @@ impl LockApi {
         } else {
             Some(self.token(&m.token)?)
         };
+        let request_id = RequestId::parse(&m.request_id).field("request_id")?;
+        if request_id.is_some() && reenter.is_none() {
+            // A fresh Acquire gets a fresh token each time, so its retry is a new Acquire
+            // anyway; taking the id would suggest otherwise.
+            return Err(Status::invalid_argument(
+                "request_id: only a re-entry (with token) takes one; a retried fresh Acquire \
+                 is a new Acquire, and a grant whose answer was lost is released by the server",
+            ));
+        }
         Ok(AcquireRequest {
             name,
             lease,
             wait,
             reenter,
+            request_id,
             fair: m.fair,
         })
     }
@@ -253,7 +263,7 @@ impl LockApi {
 
     /// Releases a grant whose caller went away before it learned of it.
     async fn give_back(&self, name: &LockName, grant: Grant) {
-        if let Err(error) = self.engine.release(name, grant.token).await {
+        if let Err(error) = self.engine.release(name, grant.token, None).await {
             debug!(lock = %name, %error, "could not give back an unclaimed grant; it frees at lease end");
         }
     }
@@ -294,7 +304,8 @@ impl pb::lock_service_server::LockService for LockApi {
         let m = request.into_inner();
         let name = self.name(m.name)?;
         let token = self.token(&m.token)?;
-        let released = self.engine.release(&name, token).await?;
+        let request_id = RequestId::parse(&m.request_id).field("request_id")?;
+        let released = self.engine.release(&name, token, request_id).await?;
         Ok(Response::new(release_response(released)))
     }
 

@@ -45,11 +45,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use request::{AcquireRequest, Invalid, Lease, LockName, Token, WaitTimeout};
+pub use request::{AcquireRequest, Invalid, Lease, LockName, RequestId, Token, WaitTimeout};
 pub use store::{Linger, LockState, NotOwner, Released, StoreError};
 
 use crate::telemetry;
-use store::{Attempt, LockStore, ReleaseReply};
+use store::{Attempt, LockStore, Op, ReleaseReply};
 use waiters::{Offer, Place, Ticket, Waiters};
 
 /// A lock granted to a caller.
@@ -329,7 +329,8 @@ impl LockEngine {
         let mut holder_ttl = Duration::ZERO;
         let mut wait = WaitCount::default();
         if !contended {
-            holder_ttl = match self.attempt(name, token, reenter, req.lease, None).await? {
+            let reentry = reenter.then(|| Op::of(req.request_id));
+            holder_ttl = match self.attempt(name, token, reentry, req.lease, None).await? {
                 Attempt::Granted(g) => return Ok(grant(g)),
                 Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
                 Attempt::Busy { holder_ttl } => holder_ttl,
@@ -362,7 +363,7 @@ impl LockEngine {
 
             let left = deadline.saturating_duration_since(Instant::now());
             match self
-                .attempt(name, token, false, req.lease, Some((&waiter_id, left)))
+                .attempt(name, token, None, req.lease, Some((&waiter_id, left)))
                 .await
             {
                 Ok(Attempt::Granted(g)) => break Ok(grant(g)),
@@ -516,7 +517,7 @@ impl LockEngine {
         &self,
         name: &LockName,
         token: Token,
-        reenter: bool,
+        reenter: Option<Op>,
         lease: Lease,
         waiter: Option<(&str, Duration)>,
     ) -> Result<Attempt, LockError> {
@@ -550,7 +551,7 @@ impl LockEngine {
                 if fair {
                     engine.store.fair_leave(&name, &token.waiter_id()).await?;
                 }
-                engine.release(&name, token).await
+                engine.release(&name, token, None).await
             };
             loop {
                 match give_back().await {
@@ -572,13 +573,17 @@ impl LockEngine {
     }
 
     /// Gives back one hold. When none is left, the lock goes to a waiter of this process if it
-    /// is next in line (see the module docs), else it is freed and waiters are woken.
+    /// is next in line (see the module docs), else it is freed and waiters are woken. A
+    /// `request_id` the lock's latest hold-count change already carried (the caller retrying a
+    /// release whose answer it lost) changes nothing and is answered as that release was.
     pub async fn release(
         self: &Arc<Self>,
         name: &LockName,
         token: Token,
+        request_id: Option<RequestId>,
     ) -> Result<Released, LockError> {
-        self.release_with(name, token, Linger::Keep).await
+        self.release_op(name, token, Linger::Keep, Op::of(request_id))
+            .await
     }
 
     /// `release`, saying what stays of the lock in Redis once it is free (`Linger::Drop`: for
@@ -589,10 +594,20 @@ impl LockEngine {
         token: Token,
         linger: Linger,
     ) -> Result<Released, LockError> {
+        self.release_op(name, token, linger, Op::of(None)).await
+    }
+
+    async fn release_op(
+        self: &Arc<Self>,
+        name: &LockName,
+        token: Token,
+        linger: Linger,
+        op: Op,
+    ) -> Result<Released, LockError> {
         let channel = self.store.channel(name);
         let Some(offer) = self.waiters.offer(&channel) else {
             return self
-                .release_once(name, token, None, linger)
+                .release_once(name, token, None, linger, op)
                 .await
                 .0
                 .map(Step::released);
@@ -603,7 +618,9 @@ impl LockEngine {
         let name = name.clone();
         let (answer, answered) = oneshot::channel();
         tokio::spawn(async move {
-            let (first, unsettled) = engine.release_once(&name, token, Some(offer), linger).await;
+            let (first, unsettled) = engine
+                .release_once(&name, token, Some(offer), linger, op)
+                .await;
             let mut orphaned = first.as_ref().ok().and_then(Step::orphaned);
             let mut result = first.map(Step::released);
             let mut answer = Some(answer);
@@ -626,8 +643,9 @@ impl LockEngine {
             }
             while let Some(token) = orphaned {
                 let offer = engine.waiters.offer(&channel);
-                let (step, unsettled) =
-                    engine.release_once(&name, token, offer, Linger::Keep).await;
+                let (step, unsettled) = engine
+                    .release_once(&name, token, offer, Linger::Keep, Op::of(None))
+                    .await;
                 orphaned = match (step, unsettled) {
                     (_, Some(offer)) => engine
                         .settle(&name, offer, token)
@@ -657,9 +675,10 @@ impl LockEngine {
         token: Token,
         offer: Option<Offer>,
         linger: Linger,
+        op: Op,
     ) -> (Result<Step, LockError>, Option<Offer>) {
         let hand_off = offer.as_ref().map(Offer::hand_off);
-        let reply = self.store.release(name, token, hand_off, linger).await;
+        let reply = self.store.release(name, token, hand_off, linger, op).await;
         let mut unsettled = None;
         let reply = match (reply, offer) {
             (Ok(Ok(ReleaseReply::Handed(granted))), Some(offer)) => {
@@ -734,7 +753,7 @@ impl LockEngine {
     ) -> Result<T, LockError> {
         match outcome {
             Err(LockError::Cancelled | LockError::ShuttingDown) => {
-                if let Err(error) = self.release(name, token).await {
+                if let Err(error) = self.release(name, token, None).await {
                     warn!(lock = %name, %error, "could not release a lock handed to a waiter that left; it frees at lease end");
                 }
                 outcome
@@ -800,11 +819,11 @@ impl LockEngine {
             tokio::select! {
                 biased;
                 stopped = &mut stop => {
-                    let released = self.release(name, grant.token).await;
+                    let released = self.release(name, grant.token, None).await;
                     break HoldEnd::Stopped(stopped, released);
                 }
                 () = self.shutdown.cancelled() => {
-                    if let Err(error) = self.release(name, grant.token).await {
+                    if let Err(error) = self.release(name, grant.token, None).await {
                         warn!(lock = %name, %error, "could not release a held lock at shutdown; it frees at lease end");
                     }
                     break HoldEnd::Lost(Lost::ShuttingDown);

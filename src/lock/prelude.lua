@@ -11,7 +11,9 @@
 --   op     the id of the latest call that changed the hold count without a new grant: a
 --          re-entry, a release that left holds, or the release that freed the lock. fred sends
 --          a command again when a dropped connection caught it; the repeat carries the same id
---          and is answered as the first run was, instead of counting twice. The freeing
+--          and is answered as the first run was, instead of counting twice. A caller's
+--          `request_id` is the id of its re-entry or release, so its own retries are such
+--          repeats too (latchkey picks a random id when it sent none). The freeing
 --          release's id stays while the freed hash lingers and through the grant that takes
 --          the lock from there (acquire.lua, fair_acquire.lua), so a repeat arriving after
 --          someone else took the lock still answers "released"; a grant after a lease that

@@ -95,6 +95,34 @@ impl fmt::Display for Token {
     }
 }
 
+/// A caller's id for one Release or re-entering Acquire (`request_id`): a UUID it picks fresh
+/// for that call and sends again, unchanged, when it retries the call after an UNAVAILABLE or a
+/// lost answer. Redis remembers the latest such id per lock (`op` in prelude.lua), so a retry
+/// whose first run already counted is answered as that run was, not counted a second time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// `None` for an empty field (the caller sent no id).
+    pub fn parse(raw: &str) -> Result<Option<Self>, Invalid> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let uuid = Uuid::parse_str(raw).map_err(|_| {
+            Invalid(
+                "must be a UUID: a fresh one per call, the same one when retrying that call".into(),
+            )
+        })?;
+        let (high, low) = uuid.as_u64_pair();
+        Ok(Some(Self((high ^ low) >> 1)))
+    }
+
+    /// The id as the scripts store it: below 2^63, like the engine's own ids (`store::Op`).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
 /// How long a grant lives unless renewed: min_lease..=max_lease, default_lease when unset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease(Duration);
@@ -161,6 +189,8 @@ pub struct AcquireRequest {
     pub wait: WaitTimeout,
     /// Some: re-enter the hold this token owns (never waits).
     pub reenter: Option<Token>,
+    /// The caller's id for a re-entry, so that its retry is not counted twice.
+    pub request_id: Option<RequestId>,
     /// Grant in queue order (see `lock::fair`).
     pub fair: bool,
 }
@@ -206,6 +236,21 @@ mod tests {
         assert_eq!(shown.replace('-', ""), in_redis);
         assert_eq!(Token::parse(&shown).unwrap(), token);
         assert_eq!(Token::parse(&in_redis).unwrap(), token);
+    }
+
+    #[test]
+    fn a_request_id_is_an_optional_uuid_in_either_form() {
+        assert_eq!(RequestId::parse("").unwrap(), None);
+        let uuid = Uuid::new_v4();
+        let id = RequestId::parse(&uuid.to_string()).unwrap().unwrap();
+        assert_eq!(
+            RequestId::parse(&uuid.simple().to_string()).unwrap(),
+            Some(id)
+        );
+        assert!(id.get() < 1 << 63);
+        let other = RequestId::parse(&Uuid::new_v4().to_string()).unwrap();
+        assert_ne!(other, Some(id));
+        assert!(RequestId::parse("retry-1").unwrap_err().0.contains("UUID"));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! Redis runs them in the order latchkey sent them. A command that a dropped connection caught
 //! is sent again by fred; every script answers that repeat as its first run, never counting a
 //! re-entry, release or force-release twice (the `op` id, kept as `op` or `forced`; see
-//! prelude.lua).
+//! prelude.lua). A caller's `request_id` becomes that id, so a caller's own retry of a re-entry
+//! or release is recognized the same way.
 
 use std::{
     hash::{DefaultHasher, Hash, Hasher},
@@ -30,7 +31,7 @@ use uuid::Uuid;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
-use super::request::{Lease, LockName, Token};
+use super::request::{Lease, LockName, RequestId, Token};
 use crate::config::{LockConfig, RedisConfig};
 
 /// Why a token may not act on a lock (Release, Extend, re-entry).
@@ -100,6 +101,25 @@ pub enum Linger {
     /// unknown product): asking for it leaves no trace. The next grant's fence then comes from
     /// Redis time alone, still above this one's (see acquire.lua).
     Drop,
+}
+
+/// The id of one call that changes a hold count (a re-entry, a release, a ForceRelease; `op`
+/// and `forced` in prelude.lua): a decimal integer below 2^63, which Redis stores in a hash as
+/// an 8-byte integer, not as text. fred sends a command again, with the same arguments, when a
+/// dropped connection caught it; the id lets the script tell that repeat from a second call and
+/// count it once. A caller's `request_id` becomes the id, so the caller's own retries of the
+/// call are such repeats too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Op(u64);
+
+impl Op {
+    /// The caller's id, or a random one when it sent none.
+    pub fn of(request_id: Option<RequestId>) -> Self {
+        match request_id {
+            Some(id) => Self(id.get()),
+            None => Self(rand::random::<u64>() >> 1),
+        }
+    }
 }
 
 /// What a release did.
@@ -205,13 +225,8 @@ impl<'a> ScriptCall<'a> {
         self.end()
     }
 
-    /// A fresh id for one call that changes a hold count (a re-entry, a release, a
-    /// ForceRelease; `op` and `forced` in prelude.lua): a random decimal integer below 2^63,
-    /// which Redis stores in a hash as an 8-byte integer, not as text. fred sends a command
-    /// again, with the same arguments, when a dropped connection caught it; the id lets the
-    /// script tell that repeat from a second call and count it once.
-    fn op(self) -> Self {
-        self.number(rand::random::<u64>() >> 1)
+    fn op(self, op: Op) -> Self {
+        self.number(op.0)
     }
 
     fn end(mut self) -> Self {
@@ -398,7 +413,7 @@ impl LockStore {
         &self,
         name: &LockName,
         token: Token,
-        reenter: bool,
+        reenter: Option<Op>,
         lease: Lease,
         waiter: Option<(&str, Duration)>,
     ) -> Result<Attempt, StoreError> {
@@ -408,12 +423,15 @@ impl LockStore {
             .key(suffix::LOCK)
             .key(suffix::WAITERS)
             .token(token)
-            .flag(reenter)
+            .flag(reenter.is_some())
             .number(lease.millis())
             .number(self.linger_ms)
             .text(waiter_id)
             .number(wait_ms);
-        let call = if reenter { call.op() } else { call.text("") };
+        let call = match reenter {
+            Some(op) => call.op(op),
+            None => call.text(""),
+        };
         let reply: Vec<i64> = self.run(name, &self.acquire, call).await?;
         match reply.as_slice() {
             [1, fence, holds, lease_ms] => Ok(Attempt::Granted(Granted {
@@ -473,6 +491,7 @@ impl LockStore {
         token: Token,
         hand_off: Option<HandOff>,
         linger: Linger,
+        op: Op,
     ) -> Result<Result<ReleaseReply, NotOwner>, StoreError> {
         let linger_ms = match linger {
             Linger::Keep => self.linger_ms,
@@ -491,7 +510,7 @@ impl LockStore {
                 .number(u64::try_from(h.plain_waiters).unwrap_or(u64::MAX)),
             None => call.text("").number(0).text("plain").number(0),
         };
-        let reply: Vec<i64> = self.run(name, &self.release, call.op()).await?;
+        let reply: Vec<i64> = self.run(name, &self.release, call.op(op)).await?;
         match reply.as_slice() {
             [1, _] => Ok(Ok(ReleaseReply::Released(Released::Free))),
             [2, fence, lease_ms, queued_at] => Ok(Ok(ReleaseReply::Handed(Granted {
@@ -552,7 +571,7 @@ impl LockStore {
             .call_on_every_key(name)
             .number(self.linger_ms)
             .channel()
-            .op();
+            .op(Op::of(None));
         let released: i64 = self.run(name, &self.force_release, call).await?;
         Ok(released == 1)
     }
@@ -818,16 +837,25 @@ mod tests {
     #[test]
     fn each_call_gets_its_own_op_id_a_decimal_integer_redis_stores_as_one() {
         let name = name("a");
-        let (_, first) = ScriptCall::on("lk", &name).op().into_parts();
-        let (_, second) = ScriptCall::on("lk", &name).op().into_parts();
-        let (first, second) = (arguments(&first)[0], arguments(&second)[0]);
-        for id in [first, second] {
+        let op = |request_id| {
+            let (_, args) = ScriptCall::on("lk", &name)
+                .op(Op::of(request_id))
+                .into_parts();
+            arguments(&args)[0].to_owned()
+        };
+        let caller = RequestId::parse(&Uuid::new_v4().to_string()).expect("a UUID");
+        let (first, second, mine, mine_again) = (op(None), op(None), op(caller), op(caller));
+        for id in [&first, &second, &mine] {
             // Redis keeps a hash value as an integer only if it reads back as the same text:
             // digits, no leading zero, within i64.
             let value: i64 = id.parse().unwrap_or_else(|_| panic!("{id:?}"));
-            assert!(value >= 0 && value.to_string() == id, "{id:?}");
+            assert!(value >= 0 && value.to_string() == *id, "{id:?}");
         }
         assert_ne!(first, second);
+        assert_eq!(
+            mine, mine_again,
+            "a caller's retry carries its first run's id"
+        );
     }
 
     #[test]

@@ -589,6 +589,7 @@ pub async fn let_go(client: &LockServiceClient<Channel>, name: &str, token: &str
         .release(pb::ReleaseRequest {
             name: name.into(),
             token: token.into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|status| panic!("releasing {name} failed: {status:?}"))

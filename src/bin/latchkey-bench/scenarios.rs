@@ -68,6 +68,7 @@ fn acquire(name: &str, lease: Duration, wait: Duration, fair: bool) -> pb::Acqui
         wait_timeout: proto(wait),
         token: String::new(),
         fair,
+        request_id: String::new(),
     }
 }
 
@@ -184,6 +185,7 @@ pub async fn uncontended(
                     .release(pb::ReleaseRequest {
                         name: name.clone(),
                         token: grant.token,
+                        request_id: String::new(),
                     })
                     .await;
                 if !matches!(&released, Ok(r) if r.get_ref().released) {
@@ -298,6 +300,7 @@ pub async fn uncontended_floor(
                 lease,
                 wait: WaitTimeout::default(),
                 reenter: None,
+                request_id: None,
                 fair: false,
             };
             while Instant::now() < deadline {
@@ -311,7 +314,7 @@ pub async fn uncontended_floor(
                     .await
                 {
                     Ok(Acquired::Granted(grant)) => {
-                        if let Err(e) = engine.release(&name, grant.token).await {
+                        if let Err(e) = engine.release(&name, grant.token, None).await {
                             tally.errors.push(e.to_string());
                         }
                     }
@@ -478,6 +481,7 @@ pub async fn hot_lock(
                     .release(pb::ReleaseRequest {
                         name: name.clone(),
                         token: grant.token,
+                        request_id: String::new(),
                     })
                     .await;
                 if !matches!(&released, Ok(r) if r.get_ref().released) {
@@ -733,6 +737,7 @@ async fn hold_memory_locks(
                     let release = pb::ReleaseRequest {
                         name: name.clone(),
                         token,
+                        request_id: String::new(),
                     };
                     match client.release(release).await {
                         Ok(r) if r.get_ref().released => {}
