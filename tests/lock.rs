@@ -12,10 +12,17 @@ use tonic::{Code, Request, transport::Channel};
 
 const NAME: &str = "orders/42";
 
-/// Takes NAME on `server`, lets a second caller wait for it, releases it, and returns how long
-/// after the release the waiter had the lock (it must get it; the lease is 30 s, so only an
-/// unlock message gets it there sooner).
-async fn release_to_a_waiter(server: &Latchkey) -> Duration {
+/// What a waiter was answered, and when.
+type Waiting = tokio::task::JoinHandle<(
+    Result<tonic::Response<pb::AcquireResponse>, tonic::Status>,
+    Instant,
+)>;
+
+/// NAME taken on `server` (lease 30 s) by a holder, and a second caller waiting for it (up to
+/// 20 s): the holder's client and grant, and the waiter's answer to come.
+async fn held_with_a_waiter(
+    server: &Latchkey,
+) -> (LockServiceClient<Channel>, pb::AcquireResponse, Waiting) {
     let holder = server.locks().await;
     let mut waiter = server.locks().await;
     let held = take(&holder, NAME, secs(30)).await;
@@ -24,6 +31,14 @@ async fn release_to_a_waiter(server: &Latchkey) -> Duration {
         (answer, Instant::now())
     });
     wait_for_waiters(&holder, NAME, 1, secs(5)).await;
+    (holder, held, waiting)
+}
+
+/// Takes NAME on `server`, lets a second caller wait for it, releases it, and returns how long
+/// after the release the waiter had the lock (it must get it; the lease is 30 s, so only an
+/// unlock message gets it there sooner).
+async fn release_to_a_waiter(server: &Latchkey) -> Duration {
+    let (holder, held, waiting) = held_with_a_waiter(server).await;
     tokio::time::sleep(ms(100)).await; // the waiter is asleep now
 
     let released_at = Instant::now();
@@ -346,20 +361,23 @@ async fn reentering_with_the_owners_token_counts_holds_and_keeps_the_fence() {
     );
 }
 
-/// A Release of one of two holds times out on a stalled Redis (CLIENT PAUSE past
-/// `redis_timeout`): its caller hears UNAVAILABLE, yet the release runs once Redis resumes.
-/// What the README tells a re-entering caller to do before repeating it works: Inspect shows
-/// the caller's own grant (the same fence) with one hold left, and the one Release still due
-/// frees the lock. (Repeating the lost Release instead would have freed it a hold early.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_release_lost_to_a_stalled_redis_inspect_shows_the_holder_what_is_left() {
+/// A latchkey whose Redis calls time out after 300 ms, and `NAME` held twice by one caller
+/// (taken, then re-entered), for a Release lost to a stalled Redis.
+struct HeldTwice {
+    redis: RedisServer,
+    _server: Latchkey,
+    c: LockServiceClient<Channel>,
+    first: pb::AcquireResponse,
+}
+
+async fn held_twice_over_a_300ms_redis_timeout() -> HeldTwice {
     let redis = RedisServer::start();
     let mut config = test_config(&redis);
     config.redis.redis_timeout = ms(300);
     let server = Latchkey::start_with(config).await;
     let mut c = server.locks().await;
     // One release first, so Redis has the release script loaded: a release that must load it
-    // again (NOSCRIPT) after its first try timed out never runs at all.
+    // again (NOSCRIPT) after its first try timed out never runs at all, and would prove nothing.
     let warm_up = take(&c, "warm-up", secs(1)).await;
     let_go(&c, "warm-up", &warm_up.token).await;
     let first = take(&c, NAME, secs(60)).await;
@@ -375,34 +393,84 @@ async fn after_a_release_lost_to_a_stalled_redis_inspect_shows_the_holder_what_i
         reentered.acquired && reentered.hold_count == 2,
         "{reentered:?}"
     );
+    HeldTwice {
+        redis,
+        _server: server,
+        c,
+        first,
+    }
+}
 
+/// Sends `release` while Redis is paused (CLIENT PAUSE, 2 s) past latchkey's 300 ms Redis
+/// timeout: its caller hears UNAVAILABLE, and Redis runs it once it resumes.
+async fn lose_to_a_paused_redis(
+    redis: &RedisServer,
+    c: &mut LockServiceClient<Channel>,
+    release: pb::ReleaseRequest,
+) {
     pause_clients(&redis.client().await, 2000).await;
     let lost = c
-        .release(pb::ReleaseRequest {
-            name: NAME.into(),
-            token: first.token.clone(),
-            ..Default::default()
-        })
+        .release(release)
         .await
         .expect_err("Redis is paused past the release's timeout");
     assert_eq!(lost.code(), Code::Unavailable, "{lost:?}");
+}
 
-    // Inspect fails too while Redis is paused; once it answers, the lost release has run.
+/// `call`, again and again while it fails with UNAVAILABLE (Redis still paused), until it is
+/// answered; fails the test after 15 s.
+async fn once_redis_answers<T, F>(mut call: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let give_up = Instant::now() + secs(15);
-    let state = loop {
-        match c.inspect(pb::InspectRequest { name: NAME.into() }).await {
-            Ok(state) => break state.into_inner(),
+    loop {
+        match call().await {
+            Ok(answer) => return answer.into_inner(),
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
                 assert!(Instant::now() < give_up, "Redis never answered again");
             }
         }
+    }
+}
+
+/// A Release of one of two holds times out on a stalled Redis (CLIENT PAUSE past
+/// `redis_timeout`): its caller hears UNAVAILABLE, yet the release runs once Redis resumes.
+/// What the README tells a re-entering caller without a request_id to do before repeating it
+/// works: Inspect shows the caller's own grant (the same fence) with one hold left, and the one
+/// Release still due frees the lock. (Repeating the lost Release instead would have freed it a
+/// hold early.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_release_lost_to_a_stalled_redis_inspect_shows_the_holder_what_is_left() {
+    let held = held_twice_over_a_300ms_redis_timeout().await;
+    let (redis, mut c, first) = (&held.redis, held.c.clone(), &held.first);
+    let release = pb::ReleaseRequest {
+        name: NAME.into(),
+        token: first.token.clone(),
+        ..Default::default()
     };
+    lose_to_a_paused_redis(redis, &mut c, release).await;
+
+    // Inspect fails too while Redis is paused; once it answers, the lost release has run.
+    let state = once_redis_answers(|| {
+        let mut c = c.clone();
+        async move { c.inspect(pb::InspectRequest { name: NAME.into() }).await }
+    })
+    .await;
     assert!(
         state.held && state.fence == first.fence && state.hold_count == 1,
         "the caller's own grant with one hold left: {state:?}"
     );
     let_go(&c, NAME, &first.token).await;
+}
+
+/// Asserts that `name` is held once, by the grant with `fence`.
+async fn assert_held_once_by(c: &LockServiceClient<Channel>, name: &str, fence: u64) {
+    let state = inspect(c, name).await;
+    assert!(
+        state.held && state.fence == fence && state.hold_count == 1,
+        "expected the grant with fence {fence}, held once: {state:?}"
+    );
 }
 
 /// A Release carrying `request_id`, the same id as the Release the caller retries.
@@ -448,11 +516,7 @@ async fn a_reentry_or_release_retried_with_its_request_id_counts_once() {
             "{attempt}: {answer:?}"
         );
     }
-    let state = c
-        .inspect(pb::InspectRequest { name: NAME.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let state = inspect(&c, NAME).await;
     assert!(state.held && state.hold_count == 1, "{state:?}");
 
     let free_it = release_as(NAME, &first.token, &fresh_id());
@@ -470,15 +534,7 @@ async fn a_reentry_or_release_retried_with_its_request_id_counts_once() {
     let next = take(&c, NAME, secs(60)).await;
     let answer = c.release(free_it).await.unwrap().into_inner();
     assert!(answer.released, "{answer:?}");
-    let state = c
-        .inspect(pb::InspectRequest { name: NAME.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        state.held && state.fence == next.fence && state.hold_count == 1,
-        "{state:?}"
-    );
+    assert_held_once_by(&c, NAME, next.fence).await;
 }
 
 /// A retried Release whose first run handed the lock to a waiter finds the waiter holding it:
@@ -488,17 +544,12 @@ async fn a_reentry_or_release_retried_with_its_request_id_counts_once() {
 async fn a_release_retried_after_it_handed_the_lock_on_leaves_the_new_holder_alone() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;
-    let mut holder = server.locks().await;
-    let mut waiter = server.locks().await;
-    let held = take(&holder, NAME, secs(60)).await;
-    let waiting =
-        tokio::spawn(async move { waiter.acquire(acquire(NAME, secs(60), secs(20))).await });
-    wait_for_waiters(&holder, NAME, 1, secs(5)).await;
+    let (mut holder, held, waiting) = held_with_a_waiter(&server).await;
 
     let release = release_as(NAME, &held.token, &fresh_id());
     let answer = holder.release(release.clone()).await.unwrap().into_inner();
     assert!(answer.released, "{answer:?}");
-    let granted = waiting.await.unwrap().unwrap().into_inner();
+    let granted = waiting.await.unwrap().0.unwrap().into_inner();
     assert!(granted.acquired, "{granted:?}");
 
     assert_refused(
@@ -506,75 +557,31 @@ async fn a_release_retried_after_it_handed_the_lock_on_leaves_the_new_holder_alo
         Code::FailedPrecondition,
         "held by another owner",
     );
-    let state = holder
-        .inspect(pb::InspectRequest { name: NAME.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        state.held && state.fence == granted.fence && state.hold_count == 1,
-        "{state:?}"
-    );
+    assert_held_once_by(&holder, NAME, granted.fence).await;
     let_go(&holder, NAME, &granted.token).await;
 }
 
 /// The same Release of one of two holds as above, lost to a stalled Redis (CLIENT PAUSE past
-/// `redis_timeout`), but retried with its request_id, as the README advises: once Redis
-/// answers, the retry finds the first run and gives back nothing more, so the caller still
-/// holds the lock it re-entered, with one hold left.
+/// `redis_timeout`), but retried with its request_id, as the README advises: every retry sent
+/// while Redis is paused runs too once it resumes, and each finds the first run and gives back
+/// nothing more, so the caller still holds the lock it re-entered, with one hold left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_lost_to_a_stalled_redis_and_retried_with_its_request_id_leaves_one_hold() {
-    let redis = RedisServer::start();
-    let mut config = test_config(&redis);
-    config.redis.redis_timeout = ms(300);
-    let server = Latchkey::start_with(config).await;
-    let mut c = server.locks().await;
-    // Loads the release script first: a release that must load it again (NOSCRIPT) after its
-    // first try timed out never runs at all, and would prove nothing.
-    let warm_up = take(&c, "warm-up", secs(1)).await;
-    let_go(&c, "warm-up", &warm_up.token).await;
-    let first = take(&c, NAME, secs(60)).await;
-    let reentered = c
-        .acquire(pb::AcquireRequest {
-            token: first.token.clone(),
-            ..acquire(NAME, secs(60), Duration::ZERO)
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reentered.hold_count, 2, "{reentered:?}");
-
-    pause_clients(&redis.client().await, 2000).await;
+    let held = held_twice_over_a_300ms_redis_timeout().await;
+    let (redis, mut c, first) = (&held.redis, held.c.clone(), &held.first);
     let release = release_as(NAME, &first.token, &fresh_id());
-    let lost = c
-        .release(release.clone())
-        .await
-        .expect_err("Redis is paused past the release's timeout");
-    assert_eq!(lost.code(), Code::Unavailable, "{lost:?}");
+    lose_to_a_paused_redis(redis, &mut c, release.clone()).await;
 
-    let give_up = Instant::now() + secs(15);
-    let retried = loop {
-        match c.release(release.clone()).await {
-            Ok(answer) => break answer.into_inner(),
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                assert!(Instant::now() < give_up, "Redis never answered again");
-            }
-        }
-    };
+    let retried = once_redis_answers(|| {
+        let (mut c, release) = (c.clone(), release.clone());
+        async move { c.release(release).await }
+    })
+    .await;
     assert!(
         !retried.released && retried.hold_count == 1,
         "the retry counted again: {retried:?}"
     );
-    let state = c
-        .inspect(pb::InspectRequest { name: NAME.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        state.held && state.fence == first.fence && state.hold_count == 1,
-        "the caller's own grant with one hold left: {state:?}"
-    );
+    assert_held_once_by(&c, NAME, first.fence).await;
     let_go(&c, NAME, &first.token).await;
 }
 
@@ -1072,11 +1079,7 @@ async fn a_release_repeated_after_someone_else_took_the_lock_still_says_it_relea
         "{released:?}"
     );
 
-    let state = inspect(&holder, NAME).await;
-    assert!(
-        state.held && state.fence == taken.fence && state.hold_count == 1,
-        "the repeated Release touched the new holder's lock: {state:?}"
-    );
+    assert_held_once_by(&holder, NAME, taken.fence).await;
     // A Release of its own (not a repeat) is refused: the lock is someone else's now.
     let again = holder
         .release(release())
