@@ -295,9 +295,20 @@ async fn bad_input_is_refused_naming_the_field_and_the_limit_and_touches_no_redi
         "empty",
     );
     expect_invalid(
+        "force-release malformed request_id",
+        c.force_release(pb::ForceReleaseRequest {
+            name: "orders/1".into(),
+            request_id: "again".into(),
+        })
+        .await,
+        "request_id",
+        "must be a UUID",
+    );
+    expect_invalid(
         "force-release long name",
         c.force_release(pb::ForceReleaseRequest {
             name: "y".repeat(300),
+            ..Default::default()
         })
         .await,
         "name",

@@ -161,7 +161,10 @@ async fn a_hold_whose_lock_was_force_released_is_told_it_is_lost() {
     let mut hold = Hold::open(&mut client, acquire(NAME, ms(300), Duration::ZERO)).await;
     assert!(hold.granted().await.acquired);
     let forced = client
-        .force_release(pb::ForceReleaseRequest { name: NAME.into() })
+        .force_release(pb::ForceReleaseRequest {
+            name: NAME.into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert!(forced.get_ref().released);

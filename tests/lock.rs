@@ -796,7 +796,10 @@ async fn force_release_frees_a_held_lock_and_wakes_its_waiter() {
 
     let forced_at = Instant::now();
     let forced = admin
-        .force_release(pb::ForceReleaseRequest { name: NAME.into() })
+        .force_release(pb::ForceReleaseRequest {
+            name: NAME.into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert!(forced.get_ref().released);
@@ -806,10 +809,46 @@ async fn force_release_frees_a_held_lock_and_wakes_its_waiter() {
     let free = admin
         .force_release(pb::ForceReleaseRequest {
             name: "orders/free".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     assert!(!free.get_ref().released);
+}
+
+/// An operator who retries a ForceRelease with its request_id after someone took the freed
+/// lock is told it was freed, and the new holder keeps the lock; a ForceRelease with a new id
+/// frees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_release_retried_with_its_request_id_leaves_the_next_holder_alone() {
+    let redis = RedisServer::start();
+    let server = Latchkey::start(&redis).await;
+    let mut admin = server.locks().await;
+    take(&admin, NAME, secs(60)).await;
+    let force = pb::ForceReleaseRequest {
+        name: NAME.into(),
+        request_id: fresh_id(),
+    };
+    let forced = admin.force_release(force.clone()).await.unwrap();
+    assert!(forced.get_ref().released);
+
+    let next = take(&admin, NAME, secs(60)).await;
+    let retried = admin.force_release(force).await.unwrap();
+    assert!(
+        retried.get_ref().released,
+        "the retry must say what the first run did"
+    );
+    assert_held_once_by(&admin, NAME, next.fence).await;
+
+    let again = admin
+        .force_release(pb::ForceReleaseRequest {
+            name: NAME.into(),
+            request_id: fresh_id(),
+        })
+        .await
+        .unwrap();
+    assert!(again.get_ref().released);
+    assert!(!inspect(&admin, NAME).await.held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -978,7 +1017,10 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
     let forced = link
         .losing_answer_to(
             "EVALSHA",
-            c.force_release(pb::ForceReleaseRequest { name: NAME.into() }),
+            c.force_release(pb::ForceReleaseRequest {
+                name: NAME.into(),
+                ..Default::default()
+            }),
         )
         .await
         .unwrap()
@@ -988,7 +1030,10 @@ async fn a_force_release_whose_answer_a_dropped_connection_lost_says_it_freed_th
 
     // A ForceRelease of its own on the free lock still says it was not held.
     let again = c
-        .force_release(pb::ForceReleaseRequest { name: NAME.into() })
+        .force_release(pb::ForceReleaseRequest {
+            name: NAME.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -1013,7 +1058,10 @@ async fn a_force_release_repeated_after_someone_else_took_the_lock_leaves_the_ne
     let (forced, taken) = link
         .losing_answer_to_while(
             "EVALSHA",
-            holder.force_release(pb::ForceReleaseRequest { name: NAME.into() }),
+            holder.force_release(pb::ForceReleaseRequest {
+                name: NAME.into(),
+                ..Default::default()
+            }),
             other_replica.acquire(acquire(NAME, secs(60), Duration::ZERO)),
         )
         .await;

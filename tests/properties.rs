@@ -303,6 +303,7 @@ fn operation_sequences_match_the_lock_model() {
                 .runtime
                 .block_on(c.force_release(pb::ForceReleaseRequest {
                     name: names[name].clone(),
+                    ..Default::default()
                 }));
             let _ = token;
         }

@@ -364,8 +364,10 @@ impl pb::lock_service_server::LockService for LockApi {
         &self,
         request: Request<pb::ForceReleaseRequest>,
     ) -> Result<Response<pb::ForceReleaseResponse>, Status> {
-        let name = self.name(request.into_inner().name)?;
-        let released = self.engine.force_release(&name).await?;
+        let m = request.into_inner();
+        let name = self.name(m.name)?;
+        let request_id = RequestId::parse(&m.request_id).field("request_id")?;
+        let released = self.engine.force_release(&name, request_id).await?;
         Ok(Response::new(pb::ForceReleaseResponse { released }))
     }
 }

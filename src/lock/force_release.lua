@@ -5,7 +5,9 @@
 -- KEYS[3]  PREFIX:{name}:queue
 -- ARGV[1]  linger in ms
 -- ARGV[2]  unlock channel, PREFIX:{name}:unlock
--- ARGV[3]  op: a fresh id per ForceRelease; a repeat of the same command carries the same one
+-- ARGV[3]  op: a fresh id per ForceRelease (the caller's request_id when it sent one); a repeat
+--          of the same command, or the caller's retry with the same request_id, carries the
+--          same one
 --
 -- Returns 1 when the lock was held and is free now, 0 when it was not held. The same command
 -- run again (its answer lost with a dropped connection) finds its own op as `forced` and

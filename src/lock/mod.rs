@@ -783,10 +783,15 @@ impl LockEngine {
             .map_err(|e| self.store_error("inspect", e))
     }
 
-    /// Frees the lock whoever holds it. True when it was held.
-    pub async fn force_release(&self, name: &LockName) -> Result<bool, LockError> {
+    /// Frees the lock whoever holds it. True when it was held, or when the ForceRelease with
+    /// this `request_id` already freed it (a retry, which then changes nothing).
+    pub async fn force_release(
+        &self,
+        name: &LockName,
+        request_id: Option<RequestId>,
+    ) -> Result<bool, LockError> {
         self.store
-            .force_release(name)
+            .force_release(name, Op::of(request_id))
             .await
             .map_err(|e| self.store_error("force_release", e))
     }

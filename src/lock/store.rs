@@ -566,12 +566,12 @@ impl LockStore {
         }
     }
 
-    pub async fn force_release(&self, name: &LockName) -> Result<bool, StoreError> {
+    pub async fn force_release(&self, name: &LockName, op: Op) -> Result<bool, StoreError> {
         let call = self
             .call_on_every_key(name)
             .number(self.linger_ms)
             .channel()
-            .op(Op::of(None));
+            .op(op);
         let released: i64 = self.run(name, &self.force_release, call).await?;
         Ok(released == 1)
     }
