@@ -538,8 +538,7 @@ async fn a_reentry_or_release_retried_with_its_request_id_counts_once() {
 }
 
 /// A retried Release whose first run handed the lock to a waiter finds the waiter holding it:
-/// the retry changes nothing and says so (FAILED_PRECONDITION, another owner), and the waiter
-/// keeps its grant.
+/// the retry answers `released`, as the first run did, and the waiter keeps its grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_retried_after_it_handed_the_lock_on_leaves_the_new_holder_alone() {
     let redis = RedisServer::start();
@@ -552,12 +551,17 @@ async fn a_release_retried_after_it_handed_the_lock_on_leaves_the_new_holder_alo
     let granted = waiting.await.unwrap().0.unwrap().into_inner();
     assert!(granted.acquired, "{granted:?}");
 
+    let retried = holder.release(release).await.unwrap().into_inner();
+    assert!(retried.released, "{retried:?}");
+    assert_held_once_by(&holder, NAME, granted.fence).await;
+    // A Release of its own (a new id) is refused: the lock is the waiter's now.
     assert_refused(
-        holder.release(release).await,
+        holder
+            .release(release_as(NAME, &held.token, &fresh_id()))
+            .await,
         Code::FailedPrecondition,
         "held by another owner",
     );
-    assert_held_once_by(&holder, NAME, granted.fence).await;
     let_go(&holder, NAME, &granted.token).await;
 }
 

@@ -684,6 +684,13 @@ impl LockEngine {
             (Ok(Ok(ReleaseReply::Handed(granted))), Some(offer)) => {
                 return (Ok(Step::handed(offer, granted)), None);
             }
+            // This release ran before and handed the lock over: the caller's hold is gone.
+            // Run again by fred (a dropped connection), the hand-off went to this offer's
+            // candidate, which must hear of it; retried by the caller (same request_id), it
+            // went to whoever was offered then, and `settle` finds this candidate was not.
+            (Ok(Ok(ReleaseReply::HandedBefore)), offer) => {
+                return (Ok(Step::Released(Released::Free)), offer);
+            }
             // The script may have run and handed the lock over without us hearing of it: its
             // reply was lost (timed out), or fred retried it after a dropped connection and the
             // retry found the lock already handed (another owner).
@@ -704,6 +711,7 @@ impl LockEngine {
                 "release",
                 StoreError::Unexpected("release.lua handed the lock to nobody".into()),
             )),
+            Ok(Ok(ReleaseReply::HandedBefore)) => Ok(Step::Released(Released::Free)),
             Ok(Err(why)) => Err(LockError::NotOwner(why)),
             Err(e) => Err(self.store_error("release", e)),
         };

@@ -9,7 +9,9 @@
 --   from   the token of the release that handed the lock to its owner (release.lua); absent
 --          when the owner took the lock itself, so handed.lua can tell the two apart
 --   op     the id of the latest call that changed the hold count without a new grant: a
---          re-entry, a release that left holds, or the release that freed the lock. fred sends
+--          re-entry, a release that left holds, the release that freed the lock, or the one
+--          that handed it to a waiter (kept beside `from`, so a repeat of that release can tell
+--          it handed the lock on; release.lua answers it {3}). fred sends
 --          a command again when a dropped connection caught it; the repeat carries the same id
 --          and is answered as the first run was, instead of counting twice. A caller's
 --          `request_id` is the id of its re-entry or release, so its own retries are such

@@ -23,12 +23,16 @@
 --                                    head) was published
 --   {2, fence, lease_ms, queued_at}  handed to the candidate, with this fence and lease
 --   {0, holds_left}                  still held by the same owner
+--   {3}                              a repeat of this very release (same op), which handed the
+--                                    lock to a waiter; nothing changed
 --   {-1} / {-2} / {-3}               not held / held by another owner / expired; nothing changed
 --
 -- The same command run again (its answer lost with a dropped connection) finds its own op and
 -- answers what its first run did: {0, holds_left}, or {1, 0} once it freed the lock, also when
 -- someone else took the lock since (the grant keeps the freeing release's op, see prelude.lua).
--- A repeat of a hand-off finds another owner, as before (settled by handed.lua).
+-- A hand-off keeps its op beside `from`: a repeat finds both and answers {3}; the caller's
+-- latchkey then asks handed.lua whether the hand-off went to its own candidate (see settle).
+-- The op is the caller's request_id when it sent one, so a caller's retry is such a repeat.
 
 local lock_key, waiters_key, queue_key = KEYS[1], KEYS[2], KEYS[3]
 local token, linger_ms, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -37,7 +41,10 @@ local now_ms, now_us = redis_now()
 local owner, holds, fence, _, live, last_op = read_lock(lock_key, now_ms, true)
 
 if last_op == op then
-  if owner ~= token then return {1, 0} end
+  if owner ~= token then
+    if redis.call('HGET', lock_key, 'from') == token then return {3} end
+    return {1, 0}
+  end
   if live then return {0, holds} end
 end
 
@@ -71,10 +78,7 @@ if candidate ~= '' then
     redis.call('ZREM', waiters_key, candidate)
     fence = math.max(fence + 1, now_us)
     redis.call('HSET', lock_key, 'owner', candidate, 'fence', int(fence),
-      'until', int(now_ms + candidate_lease_ms), 'from', token)
-    if last_op then
-      redis.call('HDEL', lock_key, 'op')
-    end
+      'until', int(now_ms + candidate_lease_ms), 'from', token, 'op', op)
     redis.call('PEXPIRE', lock_key, candidate_lease_ms + linger_ms)
     return {2, fence, candidate_lease_ms, queued_at}
   end

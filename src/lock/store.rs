@@ -128,6 +128,9 @@ pub enum ReleaseReply {
     Released(Released),
     /// The last hold was given back and the lock now belongs to the hand-off's waiter.
     Handed(Granted),
+    /// A repeat of a release (same op) that handed the lock to a waiter: nothing changed now.
+    /// Whether it was this call's candidate is for `handed_to` to say.
+    HandedBefore,
 }
 
 /// What Inspect shows.
@@ -522,6 +525,7 @@ impl LockStore {
             [0, holds] => Ok(Ok(ReleaseReply::Released(Released::StillHeld(to_u32(
                 *holds,
             ))))),
+            [3] => Ok(Ok(ReleaseReply::HandedBefore)),
             [code] => NotOwner::from_code(*code)
                 .map(Err)
                 .ok_or_else(|| StoreError::unexpected("release", &reply)),
