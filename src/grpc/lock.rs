@@ -20,7 +20,7 @@ use crate::{
     config::LockConfig,
     lock::{
         AcquireRequest, Acquired, Grant, HoldEnd, Lease, LockEngine, LockName, Lost, NotOwner,
-        Released, RequestId, Token, WaitTimeout,
+        Reentry, Released, RequestId, Token, WaitTimeout,
     },
 };
 
@@ -55,6 +55,10 @@ impl LockApi {
         Ok(Token::parse(raw).field("token")?)
     }
 
+    fn request_id(&self, raw: &str) -> Result<Option<RequestId>, Status> {
+        Ok(RequestId::parse(raw).field("request_id")?)
+    }
+
     fn lease(&self, raw: Option<prost_types::Duration>) -> Result<Lease, Status> {
         Ok(Lease::parse(duration(raw, "lease")?, &self.limits).field("lease")?)
     }
@@ -64,26 +68,30 @@ impl LockApi {
         let lease = self.lease(m.lease)?;
         let wait = WaitTimeout::parse(duration(m.wait_timeout, "wait_timeout")?, &self.limits)
             .field("wait_timeout")?;
-        let reenter = if m.token.is_empty() {
+        let token = if m.token.is_empty() {
             None
         } else {
             Some(self.token(&m.token)?)
         };
-        let request_id = RequestId::parse(&m.request_id).field("request_id")?;
-        if request_id.is_some() && reenter.is_none() {
+        let request_id = self.request_id(&m.request_id)?;
+        let reenter = match token {
+            Some(token) => Some(Reentry { token, request_id }),
             // A fresh Acquire gets a fresh token each time, so its retry is a new Acquire
             // anyway; taking the id would suggest otherwise.
-            return Err(Status::invalid_argument(
-                "request_id: only a re-entry (with token) takes one; a retried fresh Acquire \
-                 is a new Acquire, and a grant whose answer was lost is released by the server",
-            ));
-        }
+            None if request_id.is_some() => {
+                return Err(Status::invalid_argument(
+                    "request_id: only a re-entry (with token) takes one; a retried fresh \
+                     Acquire is a new Acquire, and a grant whose answer was lost is released by \
+                     the server",
+                ));
+            }
+            None => None,
+        };
         Ok(AcquireRequest {
             name,
             lease,
             wait,
             reenter,
-            request_id,
             fair: m.fair,
         })
     }
@@ -304,7 +312,7 @@ impl pb::lock_service_server::LockService for LockApi {
         let m = request.into_inner();
         let name = self.name(m.name)?;
         let token = self.token(&m.token)?;
-        let request_id = RequestId::parse(&m.request_id).field("request_id")?;
+        let request_id = self.request_id(&m.request_id)?;
         let released = self.engine.release(&name, token, request_id).await?;
         Ok(Response::new(release_response(released)))
     }
@@ -366,7 +374,7 @@ impl pb::lock_service_server::LockService for LockApi {
     ) -> Result<Response<pb::ForceReleaseResponse>, Status> {
         let m = request.into_inner();
         let name = self.name(m.name)?;
-        let request_id = RequestId::parse(&m.request_id).field("request_id")?;
+        let request_id = self.request_id(&m.request_id)?;
         let released = self.engine.force_release(&name, request_id).await?;
         Ok(Response::new(pb::ForceReleaseResponse { released }))
     }

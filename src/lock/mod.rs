@@ -45,7 +45,9 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use request::{AcquireRequest, Invalid, Lease, LockName, RequestId, Token, WaitTimeout};
+pub use request::{
+    AcquireRequest, Invalid, Lease, LockName, Reentry, RequestId, Token, WaitTimeout,
+};
 pub use store::{Linger, LockState, NotOwner, Released, StoreError};
 
 use crate::telemetry;
@@ -271,7 +273,7 @@ impl LockEngine {
     ) -> Result<Acquired, LockError> {
         let started = Instant::now();
         let (token, reenter) = match req.reenter {
-            Some(token) => (token, true),
+            Some(reentry) => (reentry.token, true),
             None => (Token::generate(), false),
         };
         let result = self.acquire_inner(req, token, deadline, gone).await;
@@ -329,7 +331,7 @@ impl LockEngine {
         let mut holder_ttl = Duration::ZERO;
         let mut wait = WaitCount::default();
         if !contended {
-            let reentry = reenter.then(|| Op::of(req.request_id));
+            let reentry = req.reenter.map(|r| Op::of(r.request_id));
             holder_ttl = match self.attempt(name, token, reentry, req.lease, None).await? {
                 Attempt::Granted(g) => return Ok(grant(g)),
                 Attempt::Refused(why) => return Err(LockError::NotOwner(why)),
@@ -688,8 +690,9 @@ impl LockEngine {
             // Run again by fred (a dropped connection), the hand-off went to this offer's
             // candidate, which must hear of it; retried by the caller (same request_id), it
             // went to whoever was offered then, and `settle` finds this candidate was not.
-            (Ok(Ok(ReleaseReply::HandedBefore)), offer) => {
-                return (Ok(Step::Released(Released::Free)), offer);
+            (reply @ Ok(Ok(ReleaseReply::HandedBefore)), offer) => {
+                unsettled = offer;
+                reply
             }
             // The script may have run and handed the lock over without us hearing of it: its
             // reply was lost (timed out), or fred retried it after a dropped connection and the

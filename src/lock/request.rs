@@ -181,6 +181,14 @@ impl WaitTimeout {
     }
 }
 
+/// A re-entering Acquire: the token of the hold it re-enters, and the caller's id for it, so
+/// that a retry of it is not counted twice (a fresh Acquire has no use for one).
+#[derive(Debug, Clone, Copy)]
+pub struct Reentry {
+    pub token: Token,
+    pub request_id: Option<RequestId>,
+}
+
 /// An Acquire as the engine sees it.
 #[derive(Debug, Clone)]
 pub struct AcquireRequest {
@@ -188,9 +196,7 @@ pub struct AcquireRequest {
     pub lease: Lease,
     pub wait: WaitTimeout,
     /// Some: re-enter the hold this token owns (never waits).
-    pub reenter: Option<Token>,
-    /// The caller's id for a re-entry, so that its retry is not counted twice.
-    pub request_id: Option<RequestId>,
+    pub reenter: Option<Reentry>,
     /// Grant in queue order (see `lock::fair`).
     pub fair: bool,
 }

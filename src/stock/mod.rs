@@ -353,7 +353,6 @@ impl StockEngine {
                 lease: self.lease,
                 wait: WaitTimeout::default(),
                 reenter: None,
-                request_id: None,
                 fair: self.config.stock_fair,
             };
             let failure = match self.locks.acquire(&request, deadline, &mut gone).await {

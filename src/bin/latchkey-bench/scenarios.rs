@@ -300,7 +300,6 @@ pub async fn uncontended_floor(
                 lease,
                 wait: WaitTimeout::default(),
                 reenter: None,
-                request_id: None,
                 fair: false,
             };
             while Instant::now() < deadline {
