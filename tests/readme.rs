@@ -1,0 +1,299 @@
+//! The README's grpcurl transcripts speak the current API. They are real runs, pasted in; this
+//! keeps a later change to the proto from leaving them showing a different one: every method
+//! they call exists, every field they send or get back is a field of its message, and an answer
+//! shown with `-emit-defaults` (which prints every field) shows every field its message has.
+//! Values are not compared: tokens, fences and TTLs differ from run to run.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use prost_types::{
+    DescriptorProto, FileDescriptorSet, field_descriptor_proto::Label, field_descriptor_proto::Type,
+};
+use serde_json::Value;
+
+/// The messages and methods latchkey serves (its own proto and gRPC health), by full name.
+struct Api {
+    messages: BTreeMap<String, DescriptorProto>,
+    /// "package.Service/Method" -> (input message, output message).
+    methods: BTreeMap<String, (String, String)>,
+}
+
+impl Api {
+    fn load() -> Self {
+        let mut api = Api {
+            messages: BTreeMap::new(),
+            methods: BTreeMap::new(),
+        };
+        for encoded in [
+            latchkey::grpc::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let set = FileDescriptorSet::decode(encoded).expect("a file descriptor set");
+            for file in set.file {
+                let package = file.package().to_owned();
+                for message in file.message_type {
+                    api.add_message(&package, message);
+                }
+                for service in file.service {
+                    for method in &service.method {
+                        api.methods.insert(
+                            format!("{package}.{}/{}", service.name(), method.name()),
+                            (
+                                method.input_type().trim_start_matches('.').to_owned(),
+                                method.output_type().trim_start_matches('.').to_owned(),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        api
+    }
+
+    fn add_message(&mut self, scope: &str, message: DescriptorProto) {
+        let name = format!("{scope}.{}", message.name());
+        for nested in message.nested_type.clone() {
+            self.add_message(&name, nested);
+        }
+        self.messages.insert(name, message);
+    }
+
+    /// Checks `json` against message `name`: every key is a field (by its JSON name, or also
+    /// by its proto name when `proto_names` is allowed, as grpcurl accepts in requests), nested
+    /// messages too; with `every_field`, no field outside a oneof is missing. Returns the
+    /// problems found, each naming where.
+    fn check(
+        &self,
+        name: &str,
+        json: &Value,
+        proto_names: bool,
+        every_field: bool,
+        at: &str,
+    ) -> Vec<String> {
+        // Well-known types (Duration) are written as strings, not objects.
+        let message = match self.messages.get(name) {
+            Some(message) if !name.starts_with("google.protobuf.") => message,
+            _ => return Vec::new(),
+        };
+        let Value::Object(object) = json else {
+            return vec![format!("{at}: {name} should be a JSON object, is {json}")];
+        };
+        let mut problems = Vec::new();
+        for (key, value) in object {
+            let field = message.field.iter().find(|f| {
+                json_name(f.name(), f.json_name.as_deref()) == *key
+                    || (proto_names && f.name() == key)
+            });
+            let Some(field) = field else {
+                problems.push(format!("{at}: {name} has no field {key:?}"));
+                continue;
+            };
+            if field.r#type() != Type::Message {
+                continue;
+            }
+            let nested = field.type_name().trim_start_matches('.');
+            let items: Vec<(String, &Value)> = match (field.label(), value) {
+                (Label::Repeated, Value::Array(items)) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| (format!("{at}.{key}[{i}]"), item))
+                    .collect(),
+                (_, Value::Null) => Vec::new(),
+                _ => vec![(format!("{at}.{key}"), value)],
+            };
+            for (at, item) in items {
+                problems.extend(self.check(nested, item, proto_names, every_field, &at));
+            }
+        }
+        if every_field {
+            for field in &message.field {
+                let key = json_name(field.name(), field.json_name.as_deref());
+                if field.oneof_index.is_none() && !object.contains_key(&key) {
+                    problems.push(format!(
+                        "{at}: shown with -emit-defaults but without {name}'s field {key:?}"
+                    ));
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// A field's JSON name: the descriptor's, or lowerCamelCase of the proto name as protoc makes it.
+fn json_name(proto_name: &str, given: Option<&str>) -> String {
+    if let Some(given) = given {
+        return given.to_owned();
+    }
+    let mut out = String::new();
+    let mut upper = false;
+    for c in proto_name.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One `$ ...grpcurl...` command of a transcript and what it printed.
+#[derive(Debug)]
+struct Call {
+    command: String,
+    output: String,
+}
+
+/// Every command in the README's ```console blocks that calls grpcurl, with its output (the
+/// lines up to the next `$ ` line or the block's end).
+fn transcripts(readme: &str) -> Vec<Call> {
+    let mut calls = Vec::new();
+    for block in readme.split("```console\n").skip(1) {
+        let block = block.split("```").next().unwrap_or_default();
+        let mut current: Option<Call> = None;
+        for line in block.lines() {
+            if let Some(command) = line.strip_prefix("$ ") {
+                calls.extend(current.take());
+                current = command.contains("grpcurl").then(|| Call {
+                    command: command.to_owned(),
+                    output: String::new(),
+                });
+            } else if let Some(call) = current.as_mut() {
+                call.output.push_str(line);
+                call.output.push('\n');
+            }
+        }
+        calls.extend(current);
+    }
+    calls
+}
+
+/// The "package.Service/Method" a grpcurl command calls: its last word, as grpcurl wants it
+/// (None for `list` and `describe`).
+fn method(command: &str) -> Option<&str> {
+    let last = command.split_whitespace().last()?;
+    let (service, method) = last.split_once('/')?;
+    (service.contains('.') && !method.is_empty()).then_some(last)
+}
+
+/// The JSON objects written in single quotes in a command: the request (`-d '...'`), or each
+/// message of a stream fed by `echo '...'`.
+fn requests(command: &str) -> Vec<Value> {
+    command
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .filter_map(|quoted| serde_json::from_str::<Value>(quoted).ok())
+        .filter(Value::is_object)
+        .collect()
+}
+
+/// The JSON objects a call printed, one per streamed message; an `ERROR:` answer and the
+/// shell's `time` output are not JSON and end the list.
+fn answers(output: &str) -> Vec<Value> {
+    let json: String = output
+        .lines()
+        .take_while(|line| !line.starts_with("ERROR:") && !line.starts_with("real"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    serde_json::Deserializer::from_str(&json)
+        .into_iter::<Value>()
+        .map(|value| value.unwrap_or_else(|e| panic!("unreadable JSON in {output:?}: {e}")))
+        .collect()
+}
+
+/// Every problem of the transcripts in `readme`, and how many calls and answers were checked.
+fn problems_in(readme: &str, api: &Api) -> (Vec<String>, usize, usize) {
+    let (mut problems, mut calls, mut answered) = (Vec::new(), 0, 0);
+    for call in transcripts(readme) {
+        let Some(method) = method(&call.command) else {
+            continue;
+        };
+        calls += 1;
+        let Some((input, output)) = api.methods.get(method) else {
+            problems.push(format!("`{}`: no method {method}", call.command));
+            continue;
+        };
+        for request in requests(&call.command) {
+            problems.extend(api.check(input, &request, true, false, &call.command));
+        }
+        let every_field = call.command.contains("-emit-defaults");
+        for answer in answers(&call.output) {
+            answered += 1;
+            problems.extend(api.check(output, &answer, false, every_field, &call.command));
+        }
+    }
+    (problems, calls, answered)
+}
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md")
+}
+
+#[test]
+fn the_readme_grpcurl_transcripts_use_only_methods_and_fields_the_api_has() {
+    let api = Api::load();
+    let (problems, calls, answered) = problems_in(&readme(), &api);
+    // The README walks through every RPC; far fewer calls means the parsing broke.
+    assert!(
+        calls >= 30 && answered >= 25,
+        "found only {calls} calls and {answered} answers"
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn a_transcript_missing_a_field_or_naming_an_unknown_one_is_caught() {
+    let api = Api::load();
+    let transcript =
+        |command: &str, output: &str| format!("```console\n$ {command}\n{output}```\n");
+    let acquire = "grpcurl -plaintext -emit-defaults -d '{\"name\": \"a\", \"wait_timeout\": \"2s\"}' \
+                   localhost:50051 latchkey.v1.LockService/Acquire";
+    let all_fields = r#"{
+  "acquired": false, "token": "", "fence": "0", "lease": null, "holdCount": 0,
+  "holderTtl": "27.581s", "queuedAt": "0"
+}
+"#;
+    let (problems, ..) = problems_in(&transcript(acquire, all_fields), &api);
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    let without_queued_at = all_fields.replace(r#", "queuedAt": "0""#, "");
+    let (problems, ..) = problems_in(&transcript(acquire, &without_queued_at), &api);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(problems[0].contains("\"queuedAt\""), "{problems:#?}");
+
+    let renamed = all_fields.replace("holdCount", "holds");
+    let (problems, ..) = problems_in(&transcript(acquire, &renamed), &api);
+    assert!(
+        problems.iter().any(|p| p.contains("no field \"holds\"")),
+        "{problems:#?}"
+    );
+
+    let bad_request = acquire.replace("wait_timeout", "wait_ms");
+    let (problems, ..) = problems_in(&transcript(&bad_request, all_fields), &api);
+    assert!(
+        problems.iter().any(|p| p.contains("no field \"wait_ms\"")),
+        "{problems:#?}"
+    );
+
+    let nested = "grpcurl -plaintext -d '{\"order_id\": \"o\", \"items\": [{\"product_id\": \"p\", \"qty\": 1}]}' \
+                  localhost:50051 latchkey.v1.StockService/ReduceStock";
+    let (problems, ..) = problems_in(&transcript(nested, "ERROR:\n  Code: NotFound\n"), &api);
+    assert!(
+        problems.iter().any(|p| p.contains("no field \"qty\"")),
+        "{problems:#?}"
+    );
+
+    let gone = acquire.replace("LockService/Acquire", "LockService/Grab");
+    let (problems, ..) = problems_in(&transcript(&gone, all_fields), &api);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("no method latchkey.v1.LockService/Grab")),
+        "{problems:#?}"
+    );
+}
