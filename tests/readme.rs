@@ -2,8 +2,8 @@
 //! keeps a later change to the proto from leaving them showing a different one: every method
 //! they call exists, every field they send or get back is a field of its message, and an answer
 //! shown with `-emit-defaults` (which prints every field) shows every field its message has.
-//! Values are not compared: tokens, fences and TTLs differ from run to run.
-
+//! Every console block starts with the command that printed it. Values are not compared:
+//! tokens, fences and TTLs differ from run to run.
 use std::collections::BTreeMap;
 
 use prost::Message;
@@ -171,6 +171,19 @@ fn transcripts(readme: &str) -> Vec<Call> {
     calls
 }
 
+/// The ```console blocks that start with output instead of the `$ ` command that printed it:
+/// output nobody can check (or rerun).
+fn blocks_without_a_command(readme: &str) -> Vec<String> {
+    readme
+        .split("```console\n")
+        .skip(1)
+        .filter_map(|block| {
+            let first = block.lines().find(|line| !line.trim().is_empty())?;
+            (!first.starts_with("$ ")).then(|| first.to_owned())
+        })
+        .collect()
+}
+
 /// The "package.Service/Method" a grpcurl command calls: its last word, as grpcurl wants it
 /// (None for `list` and `describe`).
 fn method(command: &str) -> Option<&str> {
@@ -226,6 +239,11 @@ fn problems_in(readme: &str, api: &Api) -> (Vec<String>, usize, usize) {
             problems.extend(api.check(output, &answer, false, every_field, &call.command));
         }
     }
+    for first in blocks_without_a_command(readme) {
+        problems.push(format!(
+            "a console block starts with {first:?}, not with the `$ ` command that printed it"
+        ));
+    }
     (problems, calls, answered)
 }
 
@@ -247,7 +265,7 @@ fn the_readme_grpcurl_transcripts_use_only_methods_and_fields_the_api_has() {
 }
 
 #[test]
-fn a_transcript_missing_a_field_or_naming_an_unknown_one_is_caught() {
+fn a_transcript_missing_a_field_naming_an_unknown_one_or_without_its_command_is_caught() {
     let api = Api::load();
     let transcript =
         |command: &str, output: &str| format!("```console\n$ {command}\n{output}```\n");
@@ -285,6 +303,14 @@ fn a_transcript_missing_a_field_or_naming_an_unknown_one_is_caught() {
     let (problems, ..) = problems_in(&transcript(nested, "ERROR:\n  Code: NotFound\n"), &api);
     assert!(
         problems.iter().any(|p| p.contains("no field \"qty\"")),
+        "{problems:#?}"
+    );
+
+    let (problems, ..) = problems_in(&format!("```console\n{all_fields}```\n"), &api);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("not with the `$ ` command")),
         "{problems:#?}"
     );
 
