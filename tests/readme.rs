@@ -4,6 +4,7 @@
 //! shown with `-emit-defaults` (which prints every field) shows every field its message has.
 //! Every console block starts with the command that printed it. Values are not compared:
 //! tokens, fences and TTLs differ from run to run.
+
 use std::collections::BTreeMap;
 
 use prost::Message;
