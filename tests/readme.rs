@@ -52,9 +52,9 @@ impl Api {
         api
     }
 
-    fn add_message(&mut self, scope: &str, message: DescriptorProto) {
+    fn add_message(&mut self, scope: &str, mut message: DescriptorProto) {
         let name = format!("{scope}.{}", message.name());
-        for nested in message.nested_type.clone() {
+        for nested in std::mem::take(&mut message.nested_type) {
             self.add_message(&name, nested);
         }
         self.messages.insert(name, message);
@@ -83,8 +83,8 @@ impl Api {
         let mut problems = Vec::new();
         for (key, value) in object {
             let field = message.field.iter().find(|f| {
-                json_name(f.name(), f.json_name.as_deref()) == *key
-                    || (proto_names && f.name() == key)
+                // protoc fills in every field's JSON name (lowerCamelCase), as grpcurl prints it.
+                f.json_name() == key || (proto_names && f.name() == key)
             });
             let Some(field) = field else {
                 problems.push(format!("{at}: {name} has no field {key:?}"));
@@ -109,8 +109,8 @@ impl Api {
         }
         if every_field {
             for field in &message.field {
-                let key = json_name(field.name(), field.json_name.as_deref());
-                if field.oneof_index.is_none() && !object.contains_key(&key) {
+                let key = field.json_name();
+                if field.oneof_index.is_none() && !object.contains_key(key) {
                     problems.push(format!(
                         "{at}: shown with -emit-defaults but without {name}'s field {key:?}"
                     ));
@@ -119,26 +119,6 @@ impl Api {
         }
         problems
     }
-}
-
-/// A field's JSON name: the descriptor's, or lowerCamelCase of the proto name as protoc makes it.
-fn json_name(proto_name: &str, given: Option<&str>) -> String {
-    if let Some(given) = given {
-        return given.to_owned();
-    }
-    let mut out = String::new();
-    let mut upper = false;
-    for c in proto_name.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.extend(c.to_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// One `$ ...grpcurl...` command of a transcript and what it printed.
