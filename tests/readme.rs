@@ -128,12 +128,19 @@ struct Call {
     output: String,
 }
 
+/// The text of each of the README's ```console blocks.
+fn console_blocks(readme: &str) -> impl Iterator<Item = &str> {
+    readme
+        .split("```console\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap_or_default())
+}
+
 /// Every command in the README's ```console blocks that calls grpcurl, with its output (the
 /// lines up to the next `$ ` line or the block's end).
 fn transcripts(readme: &str) -> Vec<Call> {
     let mut calls = Vec::new();
-    for block in readme.split("```console\n").skip(1) {
-        let block = block.split("```").next().unwrap_or_default();
+    for block in console_blocks(readme) {
         let mut current: Option<Call> = None;
         for line in block.lines() {
             if let Some(command) = line.strip_prefix("$ ") {
@@ -155,9 +162,7 @@ fn transcripts(readme: &str) -> Vec<Call> {
 /// The ```console blocks that start with output instead of the `$ ` command that printed it:
 /// output nobody can check (or rerun).
 fn blocks_without_a_command(readme: &str) -> Vec<String> {
-    readme
-        .split("```console\n")
-        .skip(1)
+    console_blocks(readme)
         .filter_map(|block| {
             let first = block.lines().find(|line| !line.trim().is_empty())?;
             (!first.starts_with("$ ")).then(|| first.to_owned())
