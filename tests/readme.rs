@@ -3,7 +3,11 @@
 //! they call exists, every field they send or get back is a field of its message, and an answer
 //! shown with `-emit-defaults` (which prints every field) shows every field its message has.
 //! Every console block starts with the command that printed it. Values are not compared:
-//! tokens, fences and TTLs differ from run to run.
+//! tokens, fences and TTLs differ from run to run. The one exception is "Bad input": those
+//! calls need no earlier state, so they are sent again, to a real latchkey, and must be
+//! answered with the very code and message the README shows.
+
+mod common;
 
 use std::collections::BTreeMap;
 
@@ -308,4 +312,122 @@ fn a_transcript_missing_a_field_naming_an_unknown_one_or_without_its_command_is_
             .any(|p| p.contains("no method latchkey.v1.LockService/Grab")),
         "{problems:#?}"
     );
+}
+
+/// The code and message of an `ERROR:` answer as grpcurl prints it, or None for an answer.
+fn shown_error(output: &str) -> Option<(String, String)> {
+    let rest = output.trim_start().strip_prefix("ERROR:")?;
+    let field = |name: &str| {
+        rest.lines()
+            .find_map(|line| line.trim().strip_prefix(name))
+            .map(|value| value.trim().to_owned())
+    };
+    Some((field("Code:")?, field("Message:").unwrap_or_default()))
+}
+
+/// `json` with every google.protobuf.Duration of message `desc` written the canonical way
+/// ("7200s"). grpcurl also takes a duration written as Go writes one ("2h"), as the README does;
+/// prost-reflect takes only the canonical form.
+fn canonical_durations(desc: &prost_reflect::MessageDescriptor, json: &Value) -> Value {
+    let Value::Object(object) = json else {
+        return json.clone();
+    };
+    let mut out = object.clone();
+    for (key, value) in &mut out {
+        let Some(field) = desc
+            .get_field_by_json_name(key)
+            .or_else(|| desc.get_field_by_name(key))
+        else {
+            continue;
+        };
+        let prost_reflect::Kind::Message(inner) = field.kind() else {
+            continue;
+        };
+        let canonical = match &*value {
+            Value::String(text) if inner.full_name() == "google.protobuf.Duration" => {
+                match humantime::parse_duration(text) {
+                    Ok(d) => Value::String(format!("{}.{:09}s", d.as_secs(), d.subsec_nanos())),
+                    Err(_) => value.clone(),
+                }
+            }
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|item| canonical_durations(&inner, item))
+                    .collect(),
+            ),
+            other => canonical_durations(&inner, other),
+        };
+        *value = canonical;
+    }
+    Value::Object(out)
+}
+
+/// Sends `request` (grpcurl's JSON) to `method` ("package.Service/Method") as its protobuf
+/// message, the way grpcurl does; the answer's fields are not read.
+async fn call_with_json(
+    channel: tonic::transport::Channel,
+    pool: &prost_reflect::DescriptorPool,
+    method: &str,
+    request: &Value,
+) -> Result<(), tonic::Status> {
+    let (service, name) = method.split_once('/').expect("package.Service/Method");
+    let input = pool
+        .get_service_by_name(service)
+        .and_then(|service| service.methods().find(|m| m.name() == name))
+        .unwrap_or_else(|| panic!("no method {method}"))
+        .input();
+    let message = prost_reflect::DynamicMessage::deserialize(
+        input.clone(),
+        canonical_durations(&input, request),
+    )
+    .unwrap_or_else(|e| panic!("{method}: request {request} does not parse: {e}"));
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("latchkey ready");
+    let path = format!("/{method}").parse().expect("a gRPC path");
+    let codec = tonic_prost::ProstCodec::<prost_reflect::DynamicMessage, ()>::default();
+    grpc.unary(tonic::Request::new(message), path, codec)
+        .await
+        .map(drop)
+}
+
+#[tokio::test]
+async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
+    let readme = readme();
+    let section = readme
+        .split("\n### Bad input\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has a Bad input section");
+    let calls = transcripts(section);
+    assert!(
+        calls.len() >= 3,
+        "found only {} calls: {calls:#?}",
+        calls.len()
+    );
+
+    let redis = common::RedisServer::start();
+    let server = common::Latchkey::start(&redis).await;
+    let pool = prost_reflect::DescriptorPool::decode(latchkey::grpc::pb::FILE_DESCRIPTOR_SET)
+        .expect("latchkey's descriptor set");
+    for call in calls {
+        let method = method(&call.command).expect("a grpcurl call of a method");
+        let (code, message) = shown_error(&call.output)
+            .unwrap_or_else(|| panic!("`{}` shows no ERROR answer", call.command));
+        let [request] = requests(&call.command)
+            .try_into()
+            .unwrap_or_else(|found: Vec<Value>| {
+                panic!("`{}` sends {} requests, not one", call.command, found.len())
+            });
+        let status = match call_with_json(server.channel().await, &pool, method, &request).await {
+            Ok(()) => panic!("`{}` was accepted; the README shows {code}", call.command),
+            Err(status) => status,
+        };
+        assert_eq!(
+            (format!("{:?}", status.code()), status.message()),
+            (code, message.as_str()),
+            "`{}`: latchkey's answer (left) is not the README's (right)",
+            call.command
+        );
+    }
 }
