@@ -9,97 +9,67 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use prost::Message;
-use prost_types::{
-    DescriptorProto, FileDescriptorSet, field_descriptor_proto::Label, field_descriptor_proto::Type,
-};
+use prost_reflect::{DescriptorPool, Kind, MessageDescriptor, MethodDescriptor};
 use serde_json::Value;
 
-/// The messages and methods latchkey serves (its own proto and gRPC health), by full name.
-struct Api {
-    messages: BTreeMap<String, DescriptorProto>,
-    /// "package.Service/Method" -> (input message, output message).
-    methods: BTreeMap<String, (String, String)>,
-}
+/// The messages and methods latchkey serves: its own proto and gRPC health.
+struct Api(DescriptorPool);
 
 impl Api {
     fn load() -> Self {
-        let mut api = Api {
-            messages: BTreeMap::new(),
-            methods: BTreeMap::new(),
-        };
-        for encoded in [
-            latchkey::grpc::pb::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ] {
-            let set = FileDescriptorSet::decode(encoded).expect("a file descriptor set");
-            for file in set.file {
-                let package = file.package().to_owned();
-                for message in file.message_type {
-                    api.add_message(&package, message);
-                }
-                for service in file.service {
-                    for method in &service.method {
-                        api.methods.insert(
-                            format!("{package}.{}/{}", service.name(), method.name()),
-                            (
-                                method.input_type().trim_start_matches('.').to_owned(),
-                                method.output_type().trim_start_matches('.').to_owned(),
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        api
+        let mut pool = DescriptorPool::decode(latchkey::grpc::pb::FILE_DESCRIPTOR_SET)
+            .expect("latchkey's descriptor set");
+        pool.decode_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .expect("gRPC health's descriptor set");
+        Api(pool)
     }
 
-    fn add_message(&mut self, scope: &str, mut message: DescriptorProto) {
-        let name = format!("{scope}.{}", message.name());
-        for nested in std::mem::take(&mut message.nested_type) {
-            self.add_message(&name, nested);
-        }
-        self.messages.insert(name, message);
+    /// The method a grpcurl command names ("package.Service/Method").
+    fn method(&self, full_name: &str) -> Option<MethodDescriptor> {
+        let (service, name) = full_name.split_once('/')?;
+        self.0
+            .get_service_by_name(service)?
+            .methods()
+            .find(|method| method.name() == name)
     }
 
-    /// Checks `json` against message `name`: every key is a field (by its JSON name, or also
-    /// by its proto name when `proto_names` is allowed, as grpcurl accepts in requests), nested
+    /// Checks `json` against `message`: every key is a field (by its JSON name, or also by its
+    /// proto name when `proto_names` is allowed, as grpcurl accepts in requests), nested
     /// messages too; with `every_field`, no field outside a oneof is missing. Returns the
     /// problems found, each naming where.
     fn check(
         &self,
-        name: &str,
+        message: &MessageDescriptor,
         json: &Value,
         proto_names: bool,
         every_field: bool,
         at: &str,
     ) -> Vec<String> {
+        let name = message.full_name();
         // Well-known types (Duration) are written as strings, not objects.
-        let message = match self.messages.get(name) {
-            Some(message) if !name.starts_with("google.protobuf.") => message,
-            _ => return Vec::new(),
-        };
+        if name.starts_with("google.protobuf.") {
+            return Vec::new();
+        }
         let Value::Object(object) = json else {
             return vec![format!("{at}: {name} should be a JSON object, is {json}")];
         };
         let mut problems = Vec::new();
         for (key, value) in object {
-            let field = message.field.iter().find(|f| {
-                // protoc fills in every field's JSON name (lowerCamelCase), as grpcurl prints it.
-                f.json_name() == key || (proto_names && f.name() == key)
+            // protoc fills in every field's JSON name (lowerCamelCase), as grpcurl prints it.
+            let field = message.get_field_by_json_name(key).or_else(|| {
+                proto_names
+                    .then(|| message.get_field_by_name(key))
+                    .flatten()
             });
             let Some(field) = field else {
                 problems.push(format!("{at}: {name} has no field {key:?}"));
                 continue;
             };
-            if field.r#type() != Type::Message {
+            let Kind::Message(nested) = field.kind() else {
                 continue;
-            }
-            let nested = field.type_name().trim_start_matches('.');
-            let items: Vec<(String, &Value)> = match (field.label(), value) {
-                (Label::Repeated, Value::Array(items)) => items
+            };
+            let items: Vec<(String, &Value)> = match (field.is_list(), value) {
+                (true, Value::Array(items)) => items
                     .iter()
                     .enumerate()
                     .map(|(i, item)| (format!("{at}.{key}[{i}]"), item))
@@ -108,13 +78,13 @@ impl Api {
                 _ => vec![(format!("{at}.{key}"), value)],
             };
             for (at, item) in items {
-                problems.extend(self.check(nested, item, proto_names, every_field, &at));
+                problems.extend(self.check(&nested, item, proto_names, every_field, &at));
             }
         }
         if every_field {
-            for field in &message.field {
+            for field in message.fields() {
                 let key = field.json_name();
-                if field.oneof_index.is_none() && !object.contains_key(key) {
+                if field.containing_oneof().is_none() && !object.contains_key(key) {
                     problems.push(format!(
                         "{at}: shown with -emit-defaults but without {name}'s field {key:?}"
                     ));
@@ -216,17 +186,18 @@ fn problems_in(readme: &str, api: &Api) -> (Vec<String>, usize, usize) {
             continue;
         };
         calls += 1;
-        let Some((input, output)) = api.methods.get(method) else {
+        let Some(described) = api.method(method) else {
             problems.push(format!("`{}`: no method {method}", call.command));
             continue;
         };
+        let (input, output) = (described.input(), described.output());
         for request in requests(&call.command) {
-            problems.extend(api.check(input, &request, true, false, &call.command));
+            problems.extend(api.check(&input, &request, true, false, &call.command));
         }
         let every_field = call.command.contains("-emit-defaults");
         for answer in answers(&call.output) {
             answered += 1;
-            problems.extend(api.check(output, &answer, false, every_field, &call.command));
+            problems.extend(api.check(&output, &answer, false, every_field, &call.command));
         }
     }
     for first in blocks_without_a_command(readme) {
@@ -328,7 +299,7 @@ fn shown_error(output: &str) -> Option<(String, String)> {
 /// `json` with every google.protobuf.Duration of message `desc` written the canonical way
 /// ("7200s"). grpcurl also takes a duration written as Go writes one ("2h"), as the README does;
 /// prost-reflect takes only the canonical form.
-fn canonical_durations(desc: &prost_reflect::MessageDescriptor, json: &Value) -> Value {
+fn canonical_durations(desc: &MessageDescriptor, json: &Value) -> Value {
     let Value::Object(object) = json else {
         return json.clone();
     };
@@ -340,7 +311,7 @@ fn canonical_durations(desc: &prost_reflect::MessageDescriptor, json: &Value) ->
         else {
             continue;
         };
-        let prost_reflect::Kind::Message(inner) = field.kind() else {
+        let Kind::Message(inner) = field.kind() else {
             continue;
         };
         let canonical = match &*value {
@@ -367,14 +338,12 @@ fn canonical_durations(desc: &prost_reflect::MessageDescriptor, json: &Value) ->
 /// message, the way grpcurl does; the answer's fields are not read.
 async fn call_with_json(
     channel: tonic::transport::Channel,
-    pool: &prost_reflect::DescriptorPool,
+    api: &Api,
     method: &str,
     request: &Value,
 ) -> Result<(), tonic::Status> {
-    let (service, name) = method.split_once('/').expect("package.Service/Method");
-    let input = pool
-        .get_service_by_name(service)
-        .and_then(|service| service.methods().find(|m| m.name() == name))
+    let input = api
+        .method(method)
         .unwrap_or_else(|| panic!("no method {method}"))
         .input();
     let message = prost_reflect::DynamicMessage::deserialize(
@@ -408,8 +377,7 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
 
     let redis = common::RedisServer::start();
     let server = common::Latchkey::start(&redis).await;
-    let pool = prost_reflect::DescriptorPool::decode(latchkey::grpc::pb::FILE_DESCRIPTOR_SET)
-        .expect("latchkey's descriptor set");
+    let api = Api::load();
     for call in calls {
         let method = method(&call.command).expect("a grpcurl call of a method");
         let (code, message) = shown_error(&call.output)
@@ -419,7 +387,7 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
             .unwrap_or_else(|found: Vec<Value>| {
                 panic!("`{}` sends {} requests, not one", call.command, found.len())
             });
-        let status = match call_with_json(server.channel().await, &pool, method, &request).await {
+        let status = match call_with_json(server.channel().await, &api, method, &request).await {
             Ok(()) => panic!("`{}` was accepted; the README shows {code}", call.command),
             Err(status) => status,
         };
