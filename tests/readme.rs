@@ -378,6 +378,7 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
     let redis = common::RedisServer::start();
     let server = common::Latchkey::start(&redis).await;
     let api = Api::load();
+    let channel = server.channel().await;
     for call in calls {
         let method = method(&call.command).expect("a grpcurl call of a method");
         let (code, message) = shown_error(&call.output)
@@ -387,7 +388,7 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
             .unwrap_or_else(|found: Vec<Value>| {
                 panic!("`{}` sends {} requests, not one", call.command, found.len())
             });
-        let status = match call_with_json(server.channel().await, &api, method, &request).await {
+        let status = match call_with_json(channel.clone(), &api, method, &request).await {
             Ok(()) => panic!("`{}` was accepted; the README shows {code}", call.command),
             Err(status) => status,
         };
