@@ -607,10 +607,7 @@ fn settings_in_help(help: &str) -> Vec<Setting> {
 /// The rows of the README's Configuration table that name a flag: "| `--flag` / `ENV` |
 /// `default` | meaning; allowed: VALUES |", a default of "off" meaning none.
 fn settings_in_readme(readme: &str) -> Vec<Setting> {
-    let section = readme
-        .split("\n## Configuration\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n## ").next())
+    let section = common::readme_section(readme, "## Configuration")
         .expect("README has a Configuration section");
     let unquote = |cell: &str| cell.trim().trim_matches('`').to_owned();
     section
@@ -646,8 +643,7 @@ fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its
     let from_help: BTreeSet<Setting> = settings_in_help(&String::from_utf8_lossy(&out.stdout))
         .into_iter()
         .collect();
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md");
+    let readme = common::readme();
     let from_readme: BTreeSet<Setting> = settings_in_readme(&readme).into_iter().collect();
     assert!(
         from_help.len() >= 25,

@@ -208,15 +208,10 @@ fn problems_in(readme: &str, api: &Api) -> (Vec<String>, usize, usize) {
     (problems, calls, answered)
 }
 
-fn readme() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md")
-}
-
 #[test]
 fn the_readme_grpcurl_transcripts_use_only_methods_and_fields_the_api_has() {
     let api = Api::load();
-    let (problems, calls, answered) = problems_in(&readme(), &api);
+    let (problems, calls, answered) = problems_in(&common::readme(), &api);
     // The README walks through every RPC; far fewer calls means the parsing broke.
     assert!(
         calls >= 30 && answered >= 25,
@@ -362,11 +357,8 @@ async fn call_with_json(
 
 #[tokio::test]
 async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
-    let readme = readme();
-    let section = readme
-        .split("\n### Bad input\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n## ").next())
+    let readme = common::readme();
+    let section = common::readme_section(&readme, "### Bad input")
         .expect("the README has a Bad input section");
     let calls = transcripts(section);
     assert!(

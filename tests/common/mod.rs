@@ -277,6 +277,21 @@ pub fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
+/// The README, which the tests that keep it true to the code read.
+pub fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md")
+}
+
+/// The README's section under the heading line `heading` ("## Configuration", "### Bad
+/// input"), up to the next top-level ("## ") heading; None without that heading.
+pub fn readme_section<'a>(readme: &'a str, heading: &str) -> Option<&'a str> {
+    readme
+        .split(&format!("\n{heading}\n"))
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+}
+
 /// The real `latchkey serve` binary as a child process, for what it does at start: `env` on top
 /// of port 0 to listen on, its stdout and stderr (where it logs) piped.
 pub fn latchkey_serve(env: &[(&str, &str)]) -> Child {
