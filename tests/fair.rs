@@ -172,6 +172,48 @@ async fn waiters_behind_a_killed_process_get_the_lock_within_the_purge_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_queue_entry_lapsed_while_its_process_was_frozen_still_gets_the_freed_lock()
+{
+    let redis = RedisServer::start();
+    let holder_process = LatchkeyProcess::start(&redis).await;
+    let frozen = LatchkeyProcess::start(&redis).await;
+    let mut holder = holder_process.locks().await;
+    // A long lease: the waiter's fallback bound (the holder's remaining lease) is two minutes
+    // away, so only a wake-up can bring it the lock within the test's 20 s.
+    let held = holder
+        .acquire(fair(NAME, secs(120), Duration::ZERO))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+    let mut client = frozen.locks().await;
+    let waiter = tokio::spawn(async move { client.acquire(fair(NAME, secs(30), secs(120))).await });
+    wait_for_waiters(&holder, NAME, 1, secs(10)).await;
+
+    // Frozen for twice its queue entry's lifetime (fair_waiter_timeout, 1.5 s), its process
+    // cannot refresh the entry, which lapses. The release then finds nobody live in the queue:
+    // it purges the entry and frees the lock for all, naming no waiter.
+    signal(frozen.pid(), "STOP");
+    tokio::time::sleep(secs(3)).await;
+    let_go(&holder, NAME, &held.token).await;
+    let redis_client = redis.client().await;
+    let queue: i64 = redis_client
+        .zcard("latchkey:{tickets/front-row}:queue")
+        .await
+        .unwrap();
+    assert_eq!(queue, 0, "the frozen waiter's entry lapsed and was purged");
+    signal(frozen.pid(), "CONT");
+
+    let grant = tokio::time::timeout(secs(20), waiter)
+        .await
+        .expect("the waiter was woken by the release, not left to its two-minute fallback")
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert!(grant.acquired);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fair_waiters_that_time_out_or_are_cancelled_leave_no_trace() {
     let redis = RedisServer::start();
     let server = Latchkey::start(&redis).await;

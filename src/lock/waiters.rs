@@ -9,6 +9,10 @@
 //! - each unlock message wakes one local waiter, in arrival order; a woken waiter that goes
 //!   away before retrying passes the wake-up on (tokio's `Notify` semantics);
 //! - a message `w:ID` (fair locks) wakes only the fair waiter ID, in whichever process has it;
+//! - any other message (`released`, `forced`) means the lock is free and its fair queue has no
+//!   live waiter: a local fair waiter is then one whose queue entry lapsed (its refresh came
+//!   late, e.g. the process was frozen), so every one of them is woken to join again and try,
+//!   instead of sleeping until its fallback bound;
 //! - every message also wakes every local holder of the lock (Hold streams), so a ForceRelease
 //!   is noticed at once rather than at the next renewal;
 //! - after a reconnect (Redis restarted, data maybe lost) every local waiter and holder is woken
@@ -71,6 +75,15 @@ struct Channel {
     settled: watch::Sender<bool>,
     /// Local waiters a local release may hand the lock to. A std mutex, as above.
     line: Mutex<Line>,
+}
+
+impl Channel {
+    /// Wakes every local fair waiter of the lock, each to try again.
+    fn wake_fair_waiters(&self) {
+        for wake in locked(&self.fair).values() {
+            wake.notify_one();
+        }
+    }
 }
 
 /// The local waiters of one lock, in the order a hand-off should pick them.
@@ -494,7 +507,10 @@ async fn dispatch(subscriber: SubscriberClient, hub: std::sync::Weak<Inner>) {
                                         wake.notify_one();
                                     }
                                 }
-                                None => entry.channel.wake.notify_one(),
+                                None => {
+                                    entry.channel.wake.notify_one();
+                                    entry.channel.wake_fair_waiters();
+                                }
                             }
                             entry.channel.check.notify_waiters();
                         }
@@ -523,8 +539,6 @@ fn wake_all(hub: &Inner) {
     for entry in hub.lock().values() {
         entry.channel.wake.notify_waiters();
         entry.channel.check.notify_waiters();
-        for wake in locked(&entry.channel.fair).values() {
-            wake.notify_one();
-        }
+        entry.channel.wake_fair_waiters();
     }
 }
