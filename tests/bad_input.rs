@@ -1,7 +1,8 @@
 //! Bad input: every malformed or out-of-limit field is answered INVALID_ARGUMENT with a message
 //! that starts with the field's name and states the limit, and no Redis key is touched. Every
 //! limit is a setting, and every setting is in the README's Configuration table as
-//! `latchkey serve --help` states it.
+//! `latchkey serve --help` states it, and the proto (what `grpcurl describe` shows) names real
+//! settings with their real defaults.
 
 mod common;
 
@@ -632,17 +633,20 @@ fn settings_in_readme(readme: &str) -> Vec<Setting> {
         .collect()
 }
 
-#[test]
-fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its_default_and_bounds()
- {
+/// What the real `latchkey serve --help` prints.
+fn serve_help() -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
         .args(["serve", "--help"])
         .output()
         .expect("run latchkey serve --help");
     assert!(out.status.success(), "latchkey serve --help: {out:?}");
-    let from_help: BTreeSet<Setting> = settings_in_help(&String::from_utf8_lossy(&out.stdout))
-        .into_iter()
-        .collect();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its_default_and_bounds()
+ {
+    let from_help: BTreeSet<Setting> = settings_in_help(&serve_help()).into_iter().collect();
     let readme = common::readme();
     let from_readme: BTreeSet<Setting> = settings_in_readme(&readme).into_iter().collect();
     assert!(
@@ -659,5 +663,87 @@ fn every_setting_of_latchkey_serve_is_in_the_readme_configuration_table_with_its
         undocumented.is_empty() && stale.is_empty(),
         "latchkey serve --help has, the README's Configuration table has not: {undocumented:#?}\n\
          the README has, --help has not: {stale:#?}"
+    );
+}
+
+/// The text of every `//` comment in the proto files, in order, as one line: what `grpcurl
+/// describe` shows callers (a phrase may wrap across comment lines).
+fn proto_comments() -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/latchkey/v1");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("read the proto directory")
+        .map(|entry| entry.expect("a proto directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "proto"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "found too few proto files: {files:?}");
+    let mut words = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read a proto file");
+        for line in text.lines() {
+            if let Some((_, comment)) = line.split_once("//") {
+                words.extend(comment.split_whitespace().map(str::to_owned));
+            }
+        }
+    }
+    words.join(" ")
+}
+
+/// The setting a proto comment names: `max_lease` is `--max-lease`.
+fn flag_of(setting: &str) -> String {
+    format!("--{}", setting.replace('_', "-"))
+}
+
+#[test]
+fn the_proto_names_real_settings_and_states_their_defaults_as_latchkey_serve_has_them() {
+    let help = settings_in_help(&serve_help());
+    let default_of = |flag: &str| help.iter().find(|s| s.flag == flag).map(|s| &s.default);
+    let comments = proto_comments();
+    let identifier = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+
+    // "max_lease (1h by default)": the word before the parenthesis is the setting.
+    let mut stated = Vec::new();
+    for (end, _) in comments.match_indices(" by default)") {
+        let open = comments[..end].rfind('(').expect("an opening parenthesis");
+        let value = &comments[open + 1..end];
+        let before = comments[..open].trim_end();
+        let setting = &before[before.rfind(|c: char| !identifier(c)).map_or(0, |i| i + 1)..];
+        stated.push((setting.to_owned(), value.to_owned()));
+    }
+    assert!(
+        stated.len() >= 10,
+        "found too few stated defaults: {stated:?}"
+    );
+    let wrong: Vec<String> = stated
+        .iter()
+        .filter_map(|(setting, value)| match default_of(&flag_of(setting)) {
+            Some(Some(default)) if default == value => None,
+            Some(default) => Some(format!(
+                "{setting}: the proto says {value}, latchkey serve --help {default:?}"
+            )),
+            None => Some(format!(
+                "{setting} ({value} by default) is not a setting of latchkey serve"
+            )),
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+
+    // Every limit the proto names by its setting's name ("max_wait") is a real setting.
+    let named: BTreeSet<&str> = comments
+        .split(|c: char| !identifier(c))
+        .filter(|word| {
+            ["max_", "min_", "default_"]
+                .iter()
+                .any(|p| word.starts_with(p))
+        })
+        .collect();
+    assert!(named.len() >= 7, "found too few named limits: {named:?}");
+    let unknown: Vec<_> = named
+        .iter()
+        .filter(|setting| default_of(&flag_of(setting)).is_none())
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the proto names settings latchkey serve does not have: {unknown:?}"
     );
 }
