@@ -585,70 +585,88 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(kind: DbKind)
     set(&mut stock, "pen", 5).await;
     let max = i64::MAX as u64;
     let wait = secs(5);
-    let cases: Vec<(&str, pb::ReduceStockRequest, &str)> = vec![
+    // Each case: what is wrong, the request, the field its message must start with, and words
+    // it must contain (the limit broken, and the setting that sets it where one does).
+    let cases: Vec<(&str, pb::ReduceStockRequest, &str, &str)> = vec![
         (
             "empty order id",
             order("", vec![item("pen", 1)], wait),
             "order_id:",
+            "must not be empty",
         ),
         (
             "129-byte order id",
             order(&"o".repeat(129), vec![item("pen", 1)], wait),
             "order_id:",
+            "the limit is 128 bytes (max_order_id_len)",
         ),
         (
             "control char in order id",
             order("o\u{7}", vec![item("pen", 1)], wait),
             "order_id:",
+            "control characters (found U+0007)",
         ),
-        ("no items", order("o", vec![], wait), "items:"),
+        (
+            "no items",
+            order("o", vec![], wait),
+            "items:",
+            "must not be empty",
+        ),
         (
             "101 items",
             order("o", (0..101).map(|_| item("pen", 1)).collect(), wait),
             "items:",
+            "the limit is 100 (max_order_items)",
         ),
         (
             "zero quantity",
             order("o", vec![item("pen", 1), item("pen", 0)], wait),
             "items[1].quantity:",
+            "at least 1",
         ),
         (
             "u64::MAX quantity",
             order("o", vec![item("pen", u64::MAX)], wait),
             "items[0].quantity:",
+            "above 9223372036854775807 (SQL BIGINT)",
         ),
         (
             "merged overflow",
             order("o", vec![item("pen", max), item("pen", max)], wait),
             "items:",
+            "more than 9223372036854775807",
         ),
         (
             "empty product id",
             order("o", vec![item("", 1)], wait),
             "items[0].product_id:",
+            "must not be empty",
         ),
         (
             "129-byte product id",
             order("o", vec![item(&"p".repeat(129), 1)], wait),
             "items[0].product_id:",
+            "the limit is 128 bytes (max_product_id_len)",
         ),
         (
             "brace in product id",
             order("o", vec![item("p{1}", 1)], wait),
             "items[0].product_id:",
+            "'{' or '}'",
         ),
         (
             "over-max wait",
             order("o", vec![item("pen", 1)], secs(301)),
             "wait_timeout:",
+            "maximum wait of 5m (max_wait)",
         ),
     ];
-    for (case, request, field) in cases {
+    for (case, request, field, words) in cases {
         let status = stock.reduce_stock(request).await.expect_err(case);
         assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
         assert!(
-            status.message().starts_with(field),
-            "{case}: {:?} does not start with {field}",
+            status.message().starts_with(field) && status.message().contains(words),
+            "{case}: {:?} does not start with {field} or does not say {words:?}",
             status.message()
         );
     }

@@ -12,6 +12,19 @@ use crate::config::LockConfig;
 #[error("{0}")]
 pub struct Invalid(pub String);
 
+impl Invalid {
+    /// Refuses text with a control character in it, naming the first one found.
+    pub fn unless_printable(raw: &str) -> Result<(), Invalid> {
+        match raw.chars().find(|c| c.is_control()) {
+            Some(c) => Err(Invalid(format!(
+                "must not contain control characters (found U+{:04X})",
+                c as u32
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A lock name: 1..=max_name_len bytes of UTF-8, no control characters, no `{` or `}`.
 ///
 /// Braces are refused because they delimit the Redis Cluster hash tag that keeps all keys of one
@@ -31,12 +44,7 @@ impl LockName {
                 raw.len()
             )));
         }
-        if let Some(c) = raw.chars().find(|c| c.is_control()) {
-            return Err(Invalid(format!(
-                "must not contain control characters (found U+{:04X})",
-                c as u32
-            )));
-        }
+        Invalid::unless_printable(&raw)?;
         if raw.contains(['{', '}']) {
             return Err(Invalid(
                 "must not contain '{' or '}' (they delimit Redis hash tags)".into(),

@@ -75,9 +75,7 @@ impl OrderId {
                 raw.len()
             )));
         }
-        if raw.chars().any(char::is_control) {
-            return Err(Invalid("must not contain control characters".into()));
-        }
+        Invalid::unless_printable(&raw)?;
         Ok(Self(raw))
     }
 
