@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 /// Histogram, seconds from Acquire (or Hold's acquire) to its answer; label `outcome`:
-/// granted, timed_out, refused, cancelled, shutting_down, error.
+/// granted, timed_out, refused, cancelled, shutting_down, exhausted, error.
 pub const ACQUIRE_SECONDS: &str = "latchkey_acquire_seconds";
 /// Counter of acquires that had to wait.
 pub const WAITS_STARTED: &str = "latchkey_waits_started_total";
@@ -16,6 +16,10 @@ pub const HAND_OFFS: &str = "latchkey_hand_offs_total";
 pub const LIVE_HOLDS: &str = "latchkey_live_holds";
 /// Counter of failed Redis calls; label `op`.
 pub const REDIS_ERRORS: &str = "latchkey_redis_errors_total";
+/// Histogram, seconds from a valid ReduceStock order reaching the stock engine to its answer;
+/// label `outcome`: sold, replayed, insufficient, unknown_product, order_id_reused,
+/// lock_timeout, lease_lost, conflict, cancelled, shutting_down, exhausted, error.
+pub const REDUCE_STOCK_SECONDS: &str = "latchkey_reduce_stock_seconds";
 /// Histogram of ReduceStock orders per group-commit transaction.
 pub const STOCK_BATCH_SIZE: &str = "latchkey_stock_batch_size";
 /// Gauge, 1 while Redis answers the health check, 0 otherwise.

@@ -1,4 +1,5 @@
-//! The Prometheus endpoint. Its own test binary: the metrics recorder is process-global.
+//! The Prometheus endpoint: lock and order outcomes and Redis health as an on-call dashboard
+//! reads them. Its own test binary: the metrics recorder is process-global.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::{
 };
 
 use common::*;
+use latchkey::grpc::pb;
 
 fn scrape(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint listens");
@@ -21,7 +23,7 @@ fn scrape(port: u16) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_acquire_latency_wait_outcomes_holds_and_redis_health() {
+async fn metrics_show_acquire_latency_wait_outcomes_order_outcomes_and_redis_health() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis);
     let port = free_port();
@@ -36,7 +38,6 @@ async fn metrics_show_acquire_latency_wait_outcomes_holds_and_redis_health() {
         .unwrap()
         .into_inner();
     assert!(held.acquired && !waited.acquired);
-
     let body = scrape(port);
     for expected in [
         "latchkey_acquire_seconds_count{outcome=\"granted\"} 1",
@@ -50,4 +51,43 @@ async fn metrics_show_acquire_latency_wait_outcomes_holds_and_redis_health() {
         );
     }
     let_go(&c, "m/1", &held.token).await;
+
+    // One unit of a product: an order sells it, the same order again is a replay, and a second
+    // order finds nothing left.
+    let mut stock = server.stock().await;
+    stock
+        .set_stock(pb::SetStockRequest {
+            product_id: "lamp".into(),
+            stock: 1,
+        })
+        .await
+        .expect("set stock");
+    let order = |id: &str| pb::ReduceStockRequest {
+        order_id: id.into(),
+        items: vec![pb::StockItem {
+            product_id: "lamp".into(),
+            quantity: 1,
+        }],
+        wait_timeout: dur(secs(5)),
+    };
+    let sold = stock.reduce_stock(order("o-1")).await.expect("sold");
+    let replayed = stock.reduce_stock(order("o-1")).await.expect("replayed");
+    assert!(!sold.into_inner().replayed && replayed.into_inner().replayed);
+    let short = stock
+        .reduce_stock(order("o-2"))
+        .await
+        .expect_err("none left");
+    assert_eq!(short.code(), tonic::Code::FailedPrecondition, "{short:?}");
+
+    let body = scrape(port);
+    for expected in [
+        "latchkey_reduce_stock_seconds_count{outcome=\"sold\"} 1",
+        "latchkey_reduce_stock_seconds_count{outcome=\"replayed\"} 1",
+        "latchkey_reduce_stock_seconds_count{outcome=\"insufficient\"} 1",
+    ] {
+        assert!(
+            body.contains(expected),
+            "{expected:?} missing from:\n{body}"
+        );
+    }
 }

@@ -35,6 +35,7 @@ use crate::{
         AcquireRequest, Acquired, Grant, Invalid, Lease, Linger, LockEngine, LockError, LockName,
         WaitTimeout,
     },
+    telemetry,
 };
 use store::{StockStore, Tx};
 
@@ -75,6 +76,27 @@ pub enum StockError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+impl StockError {
+    /// The `outcome` label of this failure in the stock metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            StockError::UnknownProduct(_) => "unknown_product",
+            StockError::UnknownOrder(_) => "unknown_order",
+            StockError::Insufficient(_) => "insufficient",
+            StockError::OrderIdReused(_) => "order_id_reused",
+            StockError::Overflow { .. } => "overflow",
+            StockError::LockTimeout(_) => "lock_timeout",
+            StockError::LeaseLost(_) => "lease_lost",
+            StockError::Lock(LockError::Cancelled) => "cancelled",
+            StockError::Lock(LockError::ShuttingDown) => "shutting_down",
+            StockError::Lock(LockError::Exhausted(_)) => "exhausted",
+            StockError::Lock(LockError::Store(_) | LockError::NotOwner(_)) => "error",
+            StockError::Db(DbError::Conflict(_)) => "conflict",
+            StockError::Db(_) => "error",
+        }
+    }
 }
 
 fn describe_shortages(shortages: &[Shortage]) -> String {
@@ -194,16 +216,37 @@ impl StockEngine {
         result
     }
 
-    /// Applies an order: all items or none, once per order id.
+    /// Applies an order: all items or none, once per order id. Each answer is counted and timed
+    /// by its outcome (`telemetry::REDUCE_STOCK_SECONDS`).
     pub async fn reduce(
         &self,
         order: &Order,
         deadline: Instant,
         gone: impl Future<Output = ()>,
     ) -> Result<Applied, StockError> {
-        if self.config.stock_group_commit {
-            return self.reduce_grouped(order, deadline, gone).await;
-        }
+        let started = std::time::Instant::now();
+        let result = if self.config.stock_group_commit {
+            self.reduce_grouped(order, deadline, gone).await
+        } else {
+            self.reduce_alone(order, deadline, gone).await
+        };
+        let outcome = match &result {
+            Ok(applied) if applied.replayed => "replayed",
+            Ok(_) => "sold",
+            Err(error) => error.outcome(),
+        };
+        metrics::histogram!(telemetry::REDUCE_STOCK_SECONDS, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// An order in a transaction of its own (group commit off).
+    async fn reduce_alone(
+        &self,
+        order: &Order,
+        deadline: Instant,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Applied, StockError> {
         let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
         let held = self.lock_all(&products, deadline, gone).await?;
         let result = self.reduce_locked(order, &held).await;
