@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 /// Histogram, seconds from Acquire (or Hold's acquire) to its answer; label `outcome`:
 /// granted, timed_out, refused, cancelled, shutting_down, exhausted, error.
 pub const ACQUIRE_SECONDS: &str = "latchkey_acquire_seconds";
+/// Counter of Release RPCs by `outcome`: freed, held (holds left), not_held, other_owner,
+/// expired (the caller's lease had run out: it held the lock past its lease), cancelled,
+/// shutting_down, exhausted, error.
+pub const RELEASES: &str = "latchkey_releases_total";
 /// Counter of acquires that had to wait.
 pub const WAITS_STARTED: &str = "latchkey_waits_started_total";
 /// Counter of finished waits; label `outcome`: granted, timed_out, cancelled, shutting_down, error.

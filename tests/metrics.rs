@@ -23,7 +23,7 @@ fn scrape(port: u16) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_acquire_latency_wait_outcomes_order_outcomes_and_redis_health() {
+async fn metrics_show_acquire_latency_wait_release_and_order_outcomes_and_redis_health() {
     let redis = RedisServer::start();
     let mut config = test_config(&redis);
     let port = free_port();
@@ -50,7 +50,29 @@ async fn metrics_show_acquire_latency_wait_outcomes_order_outcomes_and_redis_hea
             "{expected:?} missing from:\n{body}"
         );
     }
+    // Release RPCs by outcome: one frees its lock, one comes after its lease ran out.
     let_go(&c, "m/1", &held.token).await;
+    let lapsed = take(&c, "m/2", ms(50)).await;
+    tokio::time::sleep(ms(300)).await;
+    let late = c
+        .release(pb::ReleaseRequest {
+            name: "m/2".into(),
+            token: lapsed.token,
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("the lease ran out");
+    assert!(late.message().starts_with("expired"), "{late:?}");
+    let body = scrape(port);
+    for expected in [
+        "latchkey_releases_total{outcome=\"freed\"} 1",
+        "latchkey_releases_total{outcome=\"expired\"} 1",
+    ] {
+        assert!(
+            body.contains(expected),
+            "{expected:?} missing from:\n{body}"
+        );
+    }
 
     // One unit of a product: an order sells it, the same order again is a replay, and a second
     // order finds nothing left.

@@ -19,9 +19,10 @@ use super::{
 use crate::{
     config::LockConfig,
     lock::{
-        AcquireRequest, Acquired, Grant, HoldEnd, Lease, LockEngine, LockName, Lost, NotOwner,
-        Reentry, Released, RequestId, Token, WaitTimeout,
+        AcquireRequest, Acquired, Grant, HoldEnd, Lease, LockEngine, LockError, LockName, Lost,
+        NotOwner, Reentry, Released, RequestId, Token, WaitTimeout,
     },
+    telemetry,
 };
 
 /// The LockService implementation; cheap to clone.
@@ -123,6 +124,21 @@ fn acquired_response(acquired: Acquired) -> pb::AcquireResponse {
             holder_ttl: Some(to_proto(holder_ttl)),
             ..Default::default()
         },
+    }
+}
+
+/// The `outcome` label of a Release RPC's answer (`telemetry::RELEASES`).
+fn release_outcome(released: &Result<Released, LockError>) -> &'static str {
+    match released {
+        Ok(Released::Free) => "freed",
+        Ok(Released::StillHeld(_)) => "held",
+        Err(LockError::NotOwner(NotOwner::NotHeld)) => "not_held",
+        Err(LockError::NotOwner(NotOwner::OtherOwner)) => "other_owner",
+        Err(LockError::NotOwner(NotOwner::Expired)) => "expired",
+        Err(LockError::Cancelled) => "cancelled",
+        Err(LockError::ShuttingDown) => "shutting_down",
+        Err(LockError::Exhausted(_)) => "exhausted",
+        Err(LockError::Store(_)) => "error",
     }
 }
 
@@ -313,8 +329,10 @@ impl pb::lock_service_server::LockService for LockApi {
         let name = self.name(m.name)?;
         let token = self.token(&m.token)?;
         let request_id = self.request_id(&m.request_id)?;
-        let released = self.engine.release(&name, token, request_id).await?;
-        Ok(Response::new(release_response(released)))
+        let released = self.engine.release(&name, token, request_id).await;
+        metrics::counter!(telemetry::RELEASES, "outcome" => release_outcome(&released))
+            .increment(1);
+        Ok(Response::new(release_response(released?)))
     }
 
     async fn extend(
