@@ -5,7 +5,8 @@
 //! Every console block starts with the command that printed it. Values are not compared:
 //! tokens, fences and TTLs differ from run to run. The one exception is "Bad input": those
 //! calls need no earlier state, so they are sent again, to a real latchkey, and must be
-//! answered with the very code and message the README shows.
+//! answered with the very code and message the README shows. Apart from the transcripts, the
+//! Operations section's list of metrics must name every metric `src/telemetry.rs` declares.
 
 mod common;
 
@@ -391,4 +392,39 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
             call.command
         );
     }
+}
+
+/// Every metric latchkey records: the `pub const NAME: &str = "latchkey_..."` lines of
+/// `src/telemetry.rs`, where each one is declared.
+fn metrics_declared() -> Vec<String> {
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/telemetry.rs"))
+        .expect("read src/telemetry.rs");
+    source
+        .lines()
+        .filter(|line| line.starts_with("pub const ") && line.contains(": &str = \"latchkey_"))
+        .filter_map(|line| line.split('"').nth(1).map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn every_metric_latchkey_records_is_listed_under_operations() {
+    let metrics = metrics_declared();
+    assert!(metrics.len() >= 10, "found too few metrics: {metrics:?}");
+    let readme = common::readme();
+    let operations =
+        common::readme_section(&readme, "## Operations").expect("README has an Operations section");
+    let listed = operations
+        .split("\n- ")
+        .find(|bullet| bullet.starts_with("**Metrics**"))
+        .expect("Operations has a Metrics bullet");
+    let missing: Vec<_> = metrics
+        .iter()
+        .filter(|name| {
+            !listed.contains(&format!("`{name}`")) && !listed.contains(&format!("`{name}{{"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from the README's Operations list: {missing:?}"
+    );
 }
