@@ -41,13 +41,7 @@ async fn a_locked_sqlite_file_gives_unavailable_releases_the_locks_and_writes_no
     config.stock.database_timeout = ms(500);
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
-    stock
-        .set_stock(pb::SetStockRequest {
-            product_id: "disk".into(),
-            stock: 10,
-        })
-        .await
-        .unwrap();
+    set_stock(&mut stock, "disk", 10).await;
 
     // Another process takes SQLite's write lock and keeps it.
     let path = db.url.trim_start_matches("sqlite://");
@@ -95,13 +89,7 @@ async fn postgresql_down_gives_unavailable_and_service_resumes_when_it_returns()
     config.stock.database_timeout = ms(1000);
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
-    stock
-        .set_stock(pb::SetStockRequest {
-            product_id: "tape".into(),
-            stock: 10,
-        })
-        .await
-        .unwrap();
+    set_stock(&mut stock, "tape", 10).await;
     stock.reduce_stock(order("before", "tape")).await.unwrap();
 
     pg.stop();

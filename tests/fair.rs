@@ -271,13 +271,7 @@ async fn stock_goes_to_the_first_ten_of_a_hundred_buyers_in_arrival_order() {
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
     let locks = server.locks().await;
-    stock
-        .set_stock(pb::SetStockRequest {
-            product_id: "console".into(),
-            stock: 10,
-        })
-        .await
-        .unwrap();
+    set_stock(&mut stock, "console", 10).await;
     let held = take(&locks, "stock/console", secs(60)).await;
 
     let mut buyers = Vec::new();

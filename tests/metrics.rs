@@ -22,6 +22,14 @@ fn scrape(port: u16) -> String {
     body
 }
 
+/// Scrapes the endpoint and fails the test unless every `expected` line is in it.
+fn assert_scrape_shows(port: u16, expected: &[&str]) {
+    let body = scrape(port);
+    for line in expected {
+        assert!(body.contains(line), "{line:?} missing from:\n{body}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_acquire_latency_wait_release_and_order_outcomes_and_redis_health() {
     let redis = RedisServer::start();
@@ -38,18 +46,15 @@ async fn metrics_show_acquire_latency_wait_release_and_order_outcomes_and_redis_
         .unwrap()
         .into_inner();
     assert!(held.acquired && !waited.acquired);
-    let body = scrape(port);
-    for expected in [
-        "latchkey_acquire_seconds_count{outcome=\"granted\"} 1",
-        "latchkey_acquire_seconds_count{outcome=\"timed_out\"} 1",
-        "latchkey_wait_outcomes_total{outcome=\"timed_out\"} 1",
-        "latchkey_redis_up 1",
-    ] {
-        assert!(
-            body.contains(expected),
-            "{expected:?} missing from:\n{body}"
-        );
-    }
+    assert_scrape_shows(
+        port,
+        &[
+            "latchkey_acquire_seconds_count{outcome=\"granted\"} 1",
+            "latchkey_acquire_seconds_count{outcome=\"timed_out\"} 1",
+            "latchkey_wait_outcomes_total{outcome=\"timed_out\"} 1",
+            "latchkey_redis_up 1",
+        ],
+    );
     // Release RPCs by outcome: one frees its lock, one comes after its lease ran out.
     let_go(&c, "m/1", &held.token).await;
     let lapsed = take(&c, "m/2", ms(50)).await;
@@ -63,27 +68,18 @@ async fn metrics_show_acquire_latency_wait_release_and_order_outcomes_and_redis_
         .await
         .expect_err("the lease ran out");
     assert!(late.message().starts_with("expired"), "{late:?}");
-    let body = scrape(port);
-    for expected in [
-        "latchkey_releases_total{outcome=\"freed\"} 1",
-        "latchkey_releases_total{outcome=\"expired\"} 1",
-    ] {
-        assert!(
-            body.contains(expected),
-            "{expected:?} missing from:\n{body}"
-        );
-    }
+    assert_scrape_shows(
+        port,
+        &[
+            "latchkey_releases_total{outcome=\"freed\"} 1",
+            "latchkey_releases_total{outcome=\"expired\"} 1",
+        ],
+    );
 
     // One unit of a product: an order sells it, the same order again is a replay, and a second
     // order finds nothing left.
     let mut stock = server.stock().await;
-    stock
-        .set_stock(pb::SetStockRequest {
-            product_id: "lamp".into(),
-            stock: 1,
-        })
-        .await
-        .expect("set stock");
+    set_stock(&mut stock, "lamp", 1).await;
     let order = |id: &str| pb::ReduceStockRequest {
         order_id: id.into(),
         items: vec![pb::StockItem {
@@ -101,15 +97,12 @@ async fn metrics_show_acquire_latency_wait_release_and_order_outcomes_and_redis_
         .expect_err("none left");
     assert_eq!(short.code(), tonic::Code::FailedPrecondition, "{short:?}");
 
-    let body = scrape(port);
-    for expected in [
-        "latchkey_reduce_stock_seconds_count{outcome=\"sold\"} 1",
-        "latchkey_reduce_stock_seconds_count{outcome=\"replayed\"} 1",
-        "latchkey_reduce_stock_seconds_count{outcome=\"insufficient\"} 1",
-    ] {
-        assert!(
-            body.contains(expected),
-            "{expected:?} missing from:\n{body}"
-        );
-    }
+    assert_scrape_shows(
+        port,
+        &[
+            "latchkey_reduce_stock_seconds_count{outcome=\"sold\"} 1",
+            "latchkey_reduce_stock_seconds_count{outcome=\"replayed\"} 1",
+            "latchkey_reduce_stock_seconds_count{outcome=\"insufficient\"} 1",
+        ],
+    );
 }

@@ -345,13 +345,7 @@ fn stock_operation_sequences_match_the_ledger_model() {
             let mut stock =
                 pb::stock_service_client::StockServiceClient::new(live.server.channel().await);
             for product in &products {
-                stock
-                    .set_stock(pb::SetStockRequest {
-                        product_id: product.clone(),
-                        stock: 10,
-                    })
-                    .await
-                    .unwrap();
+                set_stock(&mut stock, product, 10).await;
             }
             for op in ops {
                 match op {

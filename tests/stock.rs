@@ -61,16 +61,6 @@ fn order(id: &str, items: Vec<pb::StockItem>, wait: Duration) -> pb::ReduceStock
     }
 }
 
-async fn set(stock: &mut StockServiceClient<Channel>, product: &str, units: u64) {
-    stock
-        .set_stock(pb::SetStockRequest {
-            product_id: product.into(),
-            stock: units,
-        })
-        .await
-        .expect("set stock");
-}
-
 async fn level(stock: &StockServiceClient<Channel>, product: &str) -> u64 {
     let answer = stock
         .clone()
@@ -104,7 +94,7 @@ async fn a_hundred_units_go_to_exactly_a_hundred_of_a_thousand_buyers(kind: DbKi
     let redis = RedisServer::start();
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
-    set(&mut server.stock().await, "last-tickets", 100).await;
+    set_stock(&mut server.stock().await, "last-tickets", 100).await;
 
     let mut buyers = Vec::new();
     for buyer in 0..100 {
@@ -161,7 +151,7 @@ async fn multi_item_orders_over_overlapping_products_never_deadlock_or_apply_par
     let products = ["p-a", "p-b", "p-c", "p-d", "p-e"];
     let initial = 40;
     for product in products {
-        set(&mut server.stock().await, product, initial).await;
+        set_stock(&mut server.stock().await, product, initial).await;
     }
 
     // 200 orders of 1..=3 different products (listed in random order, sometimes one product
@@ -235,7 +225,7 @@ async fn the_transaction_begins_only_after_the_product_lock_is_held(kind: DbKind
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
     let locks = server.locks().await;
-    set(&mut stock, "gpu", 10).await;
+    set_stock(&mut stock, "gpu", 10).await;
 
     let held = take(&locks, "stock/gpu", secs(30)).await;
     let mut buyer = server.stock().await;
@@ -279,7 +269,7 @@ async fn a_lease_lost_mid_transaction_aborts_and_the_sale_made_meanwhile_stands(
     let slow = Latchkey::start_with(slow_config).await;
     let fast = Latchkey::start_on(&redis, &db).await;
     let mut stock = fast.stock().await;
-    set(&mut stock, "camera", 10).await;
+    set_stock(&mut stock, "camera", 10).await;
 
     let mut slow_buyer = slow.stock().await;
     let stale = tokio::spawn(async move {
@@ -327,8 +317,8 @@ async fn the_same_order_sent_twice_at_once_is_applied_once(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    set(&mut stock, "mug", 10).await;
-    set(&mut stock, "tea", 10).await;
+    set_stock(&mut stock, "mug", 10).await;
+    set_stock(&mut stock, "tea", 10).await;
 
     let request = order(
         "double-click",
@@ -380,8 +370,8 @@ async fn restore_gives_an_order_back_exactly_once(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    set(&mut stock, "lamp", 10).await;
-    set(&mut stock, "bulb", 20).await;
+    set_stock(&mut stock, "lamp", 10).await;
+    set_stock(&mut stock, "bulb", 20).await;
     let sold = stock
         .reduce_stock(order(
             "o-77",
@@ -443,7 +433,7 @@ async fn unknown_products_and_orders_are_not_found_and_change_nothing(kind: DbKi
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    set(&mut stock, "known", 5).await;
+    set_stock(&mut stock, "known", 5).await;
 
     let status = stock
         .reduce_stock(order(
@@ -515,9 +505,9 @@ async fn a_short_order_names_each_short_product_and_changes_nothing(kind: DbKind
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    set(&mut stock, "p1", 2).await;
-    set(&mut stock, "p2", 1).await;
-    set(&mut stock, "p3", 10).await;
+    set_stock(&mut stock, "p1", 2).await;
+    set_stock(&mut stock, "p2", 1).await;
+    set_stock(&mut stock, "p3", 10).await;
     let status = stock
         .reduce_stock(order(
             "short",
@@ -554,7 +544,7 @@ async fn set_stock_waits_for_the_product_lock(kind: DbKind) {
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
     let locks = server.locks().await;
-    set(&mut stock, "desk", 1).await;
+    set_stock(&mut stock, "desk", 1).await;
     let held = take(&locks, "stock/desk", secs(30)).await;
     let mut setter = server.stock().await;
     let setting = tokio::spawn(async move {
@@ -582,7 +572,7 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(kind: DbKind)
     let db = TestDb::new(kind).await;
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
-    set(&mut stock, "pen", 5).await;
+    set_stock(&mut stock, "pen", 5).await;
     let max = i64::MAX as u64;
     let wait = secs(5);
     // Each case: what is wrong, the request, the field its message must start with, and words
@@ -722,7 +712,7 @@ async fn without_group_commit_each_order_has_its_own_transaction_and_the_count_s
     config.stock.database_url = db.url.clone();
     config.stock.stock_group_commit = false;
     let server = Latchkey::start_with(config).await;
-    set(&mut server.stock().await, "solo", 20).await;
+    set_stock(&mut server.stock().await, "solo", 20).await;
     let mut buyers = Vec::new();
     for buyer in 0..20 {
         let mut client = server.stock().await;
@@ -759,7 +749,7 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
     let server = Latchkey::start_on(&redis, &db).await;
     let mut stock = server.stock().await;
     let locks = server.locks().await;
-    set(&mut stock, "kiosk", 10).await;
+    set_stock(&mut stock, "kiosk", 10).await;
     let held = take(&locks, "stock/kiosk", secs(30)).await;
 
     // A leads (waits for the lock); B and C queue behind it in the process; B gives up.
@@ -814,8 +804,8 @@ async fn an_order_id_raced_for_other_products_applies_once_and_its_batch_mates_s
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
     let locks = server.locks().await;
-    set(&mut stock, "left", 10).await;
-    set(&mut stock, "right", 10).await;
+    set_stock(&mut stock, "left", 10).await;
+    set_stock(&mut stock, "right", 10).await;
 
     // "twin" (right) leads a batch on "right" and waits for its lock; "solo" queues behind it
     // in the same process and joins that batch.

@@ -111,13 +111,7 @@ async fn the_ledger_balances_through_a_redis_crash() {
     ];
     let mut admin = servers[0].stock().await;
     for product in PRODUCTS {
-        admin
-            .set_stock(pb::SetStockRequest {
-                product_id: product.into(),
-                stock: INITIAL,
-            })
-            .await
-            .unwrap();
+        set_stock(&mut admin, product, INITIAL).await;
     }
     let until = Instant::now() + secs(5);
     let mut clients = Vec::new();
@@ -209,13 +203,7 @@ async fn a_holder_frozen_past_its_lease_mid_transaction_writes_nothing() {
     .await;
     let healthy = Latchkey::start_on(&redis, &db).await;
     let mut stock = healthy.stock().await;
-    stock
-        .set_stock(pb::SetStockRequest {
-            product_id: "fuse".into(),
-            stock: 5,
-        })
-        .await
-        .unwrap();
+    set_stock(&mut stock, "fuse", 5).await;
 
     let mut victim = frozen.stock().await;
     let stale = tokio::spawn(async move {

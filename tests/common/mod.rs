@@ -612,6 +612,22 @@ pub async fn let_go(client: &LockServiceClient<Channel>, name: &str, token: &str
     assert!(answer.released, "{name} is still held: {answer:?}");
 }
 
+/// Creates `product` or sets its stock to `units`, and fails the test, naming the product,
+/// unless latchkey accepted it.
+pub async fn set_stock(
+    client: &mut pb::stock_service_client::StockServiceClient<Channel>,
+    product: &str,
+    units: u64,
+) {
+    client
+        .set_stock(pb::SetStockRequest {
+            product_id: product.into(),
+            stock: units,
+        })
+        .await
+        .unwrap_or_else(|status| panic!("setting the stock of {product} failed: {status:?}"));
+}
+
 /// Waits (at most `within`) until lock `name` reports exactly `count` waiters.
 pub async fn wait_for_waiters(
     client: &LockServiceClient<Channel>,
