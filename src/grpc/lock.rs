@@ -135,10 +135,7 @@ fn release_outcome(released: &Result<Released, LockError>) -> &'static str {
         Err(LockError::NotOwner(NotOwner::NotHeld)) => "not_held",
         Err(LockError::NotOwner(NotOwner::OtherOwner)) => "other_owner",
         Err(LockError::NotOwner(NotOwner::Expired)) => "expired",
-        Err(LockError::Cancelled) => "cancelled",
-        Err(LockError::ShuttingDown) => "shutting_down",
-        Err(LockError::Exhausted(_)) => "exhausted",
-        Err(LockError::Store(_)) => "error",
+        Err(error) => error.outcome(),
     }
 }
 

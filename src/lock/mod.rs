@@ -108,6 +108,20 @@ pub enum LockError {
     Exhausted(String),
 }
 
+impl LockError {
+    /// The `outcome` label of this failure in the metrics (see `telemetry`); a failed ownership
+    /// check is `refused`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            LockError::NotOwner(_) => "refused",
+            LockError::Cancelled => "cancelled",
+            LockError::ShuttingDown => "shutting_down",
+            LockError::Exhausted(_) => "exhausted",
+            LockError::Store(_) => "error",
+        }
+    }
+}
+
 fn not_owner_message(why: NotOwner) -> &'static str {
     match why {
         NotOwner::NotHeld => "not held: the lock is free",
@@ -283,11 +297,7 @@ impl LockEngine {
         let outcome = match &result {
             Ok(Acquired::Granted(_)) => "granted",
             Ok(Acquired::TimedOut { .. }) => "timed_out",
-            Err(LockError::NotOwner(_)) => "refused",
-            Err(LockError::Cancelled) => "cancelled",
-            Err(LockError::ShuttingDown) => "shutting_down",
-            Err(LockError::Exhausted(_)) => "exhausted",
-            Err(LockError::Store(_)) => "error",
+            Err(error) => error.outcome(),
         };
         metrics::histogram!(telemetry::ACQUIRE_SECONDS, "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());

@@ -89,10 +89,9 @@ impl StockError {
             StockError::Overflow { .. } => "overflow",
             StockError::LockTimeout(_) => "lock_timeout",
             StockError::LeaseLost(_) => "lease_lost",
-            StockError::Lock(LockError::Cancelled) => "cancelled",
-            StockError::Lock(LockError::ShuttingDown) => "shutting_down",
-            StockError::Lock(LockError::Exhausted(_)) => "exhausted",
-            StockError::Lock(LockError::Store(_) | LockError::NotOwner(_)) => "error",
+            // The engine takes its product locks afresh: an ownership refusal is a fault here.
+            StockError::Lock(LockError::NotOwner(_)) => "error",
+            StockError::Lock(error) => error.outcome(),
             StockError::Db(DbError::Conflict(_)) => "conflict",
             StockError::Db(_) => "error",
         }
