@@ -11,17 +11,6 @@ use latchkey::grpc::pb;
 use sqlx::{Connection, Executor};
 use tonic::Code;
 
-fn order(id: &str, product: &str) -> pb::ReduceStockRequest {
-    pb::ReduceStockRequest {
-        order_id: id.into(),
-        items: vec![pb::StockItem {
-            product_id: product.into(),
-            quantity: 1,
-        }],
-        wait_timeout: dur(secs(5)),
-    }
-}
-
 async fn lock_is_free(server: &Latchkey, product: &str) -> bool {
     let mut locks = server.locks().await;
     let state = locks
@@ -51,7 +40,10 @@ async fn a_locked_sqlite_file_gives_unavailable_releases_the_locks_and_writes_no
     blocker.execute("BEGIN EXCLUSIVE").await.unwrap();
 
     let started = Instant::now();
-    let status = stock.reduce_stock(order("o-1", "disk")).await.unwrap_err();
+    let status = stock
+        .reduce_stock(one_unit_order("o-1", "disk"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(started.elapsed() < secs(4), "took {:?}", started.elapsed());
     assert!(
@@ -73,7 +65,7 @@ async fn a_locked_sqlite_file_gives_unavailable_releases_the_locks_and_writes_no
     );
     // The same order goes through once the database is back, and only once.
     let sold = stock
-        .reduce_stock(order("o-1", "disk"))
+        .reduce_stock(one_unit_order("o-1", "disk"))
         .await
         .unwrap()
         .into_inner();
@@ -90,12 +82,15 @@ async fn postgresql_down_gives_unavailable_and_service_resumes_when_it_returns()
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
     set_stock(&mut stock, "tape", 10).await;
-    stock.reduce_stock(order("before", "tape")).await.unwrap();
+    stock
+        .reduce_stock(one_unit_order("before", "tape"))
+        .await
+        .unwrap();
 
     pg.stop();
     let started = Instant::now();
     let status = stock
-        .reduce_stock(order("during", "tape"))
+        .reduce_stock(one_unit_order("during", "tape"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -111,7 +106,7 @@ async fn postgresql_down_gives_unavailable_and_service_resumes_when_it_returns()
     server.wait_serving().await;
     let deadline = Instant::now() + secs(15);
     let sold = loop {
-        match stock.reduce_stock(order("during", "tape")).await {
+        match stock.reduce_stock(one_unit_order("during", "tape")).await {
             Ok(sold) => break sold.into_inner(),
             Err(status) if Instant::now() < deadline && status.code() == Code::Unavailable => {
                 tokio::time::sleep(ms(100)).await;

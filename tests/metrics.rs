@@ -80,19 +80,17 @@ async fn metrics_show_acquire_latency_wait_release_and_order_outcomes_and_redis_
     // order finds nothing left.
     let mut stock = server.stock().await;
     set_stock(&mut stock, "lamp", 1).await;
-    let order = |id: &str| pb::ReduceStockRequest {
-        order_id: id.into(),
-        items: vec![pb::StockItem {
-            product_id: "lamp".into(),
-            quantity: 1,
-        }],
-        wait_timeout: dur(secs(5)),
-    };
-    let sold = stock.reduce_stock(order("o-1")).await.expect("sold");
-    let replayed = stock.reduce_stock(order("o-1")).await.expect("replayed");
+    let sold = stock
+        .reduce_stock(one_unit_order("o-1", "lamp"))
+        .await
+        .expect("sold");
+    let replayed = stock
+        .reduce_stock(one_unit_order("o-1", "lamp"))
+        .await
+        .expect("replayed");
     assert!(!sold.into_inner().replayed && replayed.into_inner().replayed);
     let short = stock
-        .reduce_stock(order("o-2"))
+        .reduce_stock(one_unit_order("o-2", "lamp"))
         .await
         .expect_err("none left");
     assert_eq!(short.code(), tonic::Code::FailedPrecondition, "{short:?}");

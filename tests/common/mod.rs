@@ -628,6 +628,18 @@ pub async fn set_stock(
         .unwrap_or_else(|status| panic!("setting the stock of {product} failed: {status:?}"));
 }
 
+/// An order `id` for one unit of `product`, waiting at most 5 s for its lock.
+pub fn one_unit_order(id: &str, product: &str) -> pb::ReduceStockRequest {
+    pb::ReduceStockRequest {
+        order_id: id.into(),
+        items: vec![pb::StockItem {
+            product_id: product.into(),
+            quantity: 1,
+        }],
+        wait_timeout: dur(secs(5)),
+    }
+}
+
 /// Waits (at most `within`) until lock `name` reports exactly `count` waiters.
 pub async fn wait_for_waiters(
     client: &LockServiceClient<Channel>,
