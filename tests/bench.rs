@@ -362,12 +362,30 @@ fn gone(pid: u32) -> bool {
 fn bench_reading_its_server_env(args: &[&str], env: &[(&str, &str)]) -> (Output, Vec<String>) {
     let mut bench = BenchProcess::spawn(args, env);
     let latchkey = bench.wait_for_child("latchkey");
-    let environ = std::fs::read(format!("/proc/{latchkey}/environ")).expect("latchkey's environ");
-    let server_env = environ
-        .split(|b| *b == 0)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .collect::<Vec<_>>();
+    let server_env = environment_of(latchkey);
     (bench.finish(Duration::from_secs(120)), server_env)
+}
+
+/// The environment process `pid` was started with (`NAME=value` entries). A process takes its
+/// new name part-way through `execve`, before the kernel has set up the new program's
+/// environment, and `/proc/PID/environ` reads empty until then (2 of 300 `latchkey` starts
+/// polled in a tight loop on a loaded machine read so): wait, at most a minute, for it.
+fn environment_of(pid: u32) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("latchkey's environ");
+        if !environ.is_empty() {
+            return environ
+                .split(|b| *b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid}'s environment stayed empty"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The values of variable `name` in an environment (`NAME=value` entries).
