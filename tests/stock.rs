@@ -39,6 +39,7 @@ on_both_databases!(
     the_transaction_begins_only_after_the_product_lock_is_held,
     a_lease_lost_mid_transaction_aborts_and_the_sale_made_meanwhile_stands,
     the_same_order_sent_twice_at_once_is_applied_once,
+    an_order_whose_buyer_gave_up_mid_transaction_applies_once_and_its_retry_says_so,
     restore_gives_an_order_back_exactly_once,
     unknown_products_and_orders_are_not_found_and_change_nothing,
     a_short_order_names_each_short_product_and_changes_nothing,
@@ -363,6 +364,53 @@ async fn the_same_order_sent_twice_at_once_is_applied_once(kind: DbKind) {
         (level(&stock, "mug").await, level(&stock, "tea").await),
         (7, 9)
     );
+}
+
+/// The buyer's gRPC deadline passes while its order's transaction runs. The call ends at the
+/// deadline, but the transaction is not cut off halfway: it runs on without its caller and
+/// commits. The buyer, who cannot know that, sends the same order again and is told what was
+/// done (`replayed`); the units are taken once.
+async fn an_order_whose_buyer_gave_up_mid_transaction_applies_once_and_its_retry_says_so(
+    kind: DbKind,
+) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    // 3 s inside every ReduceStock transaction; the buyer's deadline is 1 s.
+    let mut config = test_config(&redis);
+    config.stock.database_url = db.url.clone();
+    config.stock.fault_txn_delay = secs(3);
+    let server = Latchkey::start_with(config).await;
+    let mut stock = server.stock().await;
+    set_stock(&mut stock, "lamp", 10).await;
+
+    let mut request = tonic::Request::new(order("late-1", vec![item("lamp", 4)], secs(20)));
+    request.set_timeout(secs(1));
+    let status = stock
+        .reduce_stock(request)
+        .await
+        .expect_err("the deadline passes inside the transaction");
+    // tonic's status for a passed deadline (see tests/lock.rs).
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::Cancelled, "Timeout expired"),
+        "{status:?}"
+    );
+
+    let retry = tokio::time::timeout(
+        secs(60),
+        stock.reduce_stock(order("late-1", vec![item("lamp", 4)], secs(20))),
+    )
+    .await
+    .expect("the retry is answered within its 20 s wait")
+    .expect("the retry is answered")
+    .into_inner();
+    assert!(
+        retry.replayed,
+        "the first call's order went through: {retry:?}"
+    );
+    assert_eq!(retry.remaining[0].stock, 6);
+    assert_eq!(level(&stock, "lamp").await, 6);
+    assert_eq!(ledger(&db, "lamp").await, (1, 4));
 }
 
 async fn restore_gives_an_order_back_exactly_once(kind: DbKind) {
