@@ -54,6 +54,18 @@ impl Groups {
     }
 }
 
+/// Hands the leadership of `key` on when dropped (see `StockEngine::lead`).
+struct HandOn<'a> {
+    engine: &'a StockEngine,
+    key: &'a [ProductId],
+}
+
+impl Drop for HandOn<'_> {
+    fn drop(&mut self) {
+        self.engine.hand_off(self.key);
+    }
+}
+
 impl StockEngine {
     /// ReduceStock through group commit.
     pub(super) async fn reduce_grouped(
@@ -121,6 +133,10 @@ impl StockEngine {
     /// Serves one batch for `key` (the leader's own order is first in the queue), then hands
     /// leadership on.
     async fn lead(&self, key: &[ProductId], products: &[Product]) {
+        // Handed on however this ends, a panic in the batch included: otherwise the orders
+        // queued behind, and every later order for these products in this process, would wait
+        // for a leader that never comes.
+        let _hand_on = HandOn { engine: self, key };
         let batch: Vec<Pending> = {
             let mut queues = self.groups.queues();
             let Some(queue) = queues.get_mut(key) else {
@@ -132,7 +148,6 @@ impl StockEngine {
         if !batch.is_empty() {
             self.serve(key, products, batch).await;
         }
-        self.hand_off(key);
     }
 
     async fn serve(&self, key: &[ProductId], products: &[Product], batch: Vec<Pending>) {
