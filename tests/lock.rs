@@ -705,9 +705,9 @@ async fn a_client_whose_deadline_passes_or_who_cancels_never_acquires() {
 
     // 1. The gRPC deadline (300 ms) is shorter than the requested wait (20 s). latchkey ends
     //    the wait 20 ms before it and answers `acquired: false`. When that answer cannot make
-    //    it in time (a machine too loaded to run latchkey for those 20 ms), tonic's timer for
-    //    the deadline, in the client or in the server, ends the call instead, with tonic's
-    //    status for a passed deadline: CANCELLED "Timeout expired".
+    //    it in time (on a loaded machine its last steps, a Redis call among them, can take
+    //    longer), tonic's timer for the deadline, in the client or in the server, ends the call
+    //    instead, with tonic's status for a passed deadline: CANCELLED "Timeout expired".
     let mut impatient = server.locks().await;
     let mut request = Request::new(acquire(NAME, secs(30), secs(20)));
     request.set_timeout(ms(300));
