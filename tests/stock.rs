@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use common::*;
 use latchkey::grpc::pb::{self, stock_service_client::StockServiceClient};
@@ -836,6 +839,90 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
         "B gave up before its batch"
     );
     assert_eq!(level(&stock, "kiosk").await, 8);
+}
+
+/// An order queued behind a batch whose leader waits for the product lock (held elsewhere)
+/// answers ABORTED by its own wait timeout (1 s), not when that batch's 20 s wait ends, and is
+/// not applied; the batch ahead of it sells once the lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_order_answers_by_its_own_wait_timeout_not_by_the_batch_ahead_of_it() {
+    let redis = RedisServer::start();
+    let db = TestDb::new(DbKind::Sqlite).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    let locks = server.locks().await;
+    set_stock(&mut stock, "desk", 10).await;
+    let held = take(&locks, "stock/desk", secs(30)).await;
+
+    let mut patient = stock.clone();
+    let first = tokio::spawn(async move {
+        patient
+            .reduce_stock(order("long-1", vec![item("desk", 1)], secs(20)))
+            .await
+    });
+    wait_for_waiters(&locks, "stock/desk", 1, secs(10)).await; // its leader waits for the lock
+
+    let asked = Instant::now();
+    let status = stock
+        .reduce_stock(order("short-1", vec![item("desk", 1)], secs(1)))
+        .await
+        .expect_err("the lock stays held past its wait");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        asked.elapsed() < secs(10),
+        "answered after {:?}, not by its own 1 s wait",
+        asked.elapsed()
+    );
+
+    let_go(&locks, "stock/desk", &held.token).await;
+    let sold = first.await.unwrap().expect("the first order sells");
+    assert_eq!(sold.into_inner().remaining[0].stock, 9);
+    assert_eq!(level(&stock, "desk").await, 9);
+    assert_eq!(ledger(&db, "desk").await, (1, 1), "short-1 was not applied");
+}
+
+/// The same inside a batch: two orders queue behind a first one (2 s wait) that times out on a
+/// lock held elsewhere; the next batch takes both and waits for the lock as long as the longer
+/// of their waits (20 s). The other, with a 3 s wait, answers ABORTED by it and is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_in_a_batch_answers_by_its_own_wait_timeout_not_by_its_batch_mates() {
+    let redis = RedisServer::start();
+    let db = TestDb::new(DbKind::Sqlite).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    let locks = server.locks().await;
+    set_stock(&mut stock, "shelf", 10).await;
+    let held = take(&locks, "stock/shelf", secs(30)).await;
+
+    let spawn_order = |id: &'static str, wait: Duration| {
+        let mut client = stock.clone();
+        tokio::spawn(async move {
+            let asked = Instant::now();
+            let answer = client
+                .reduce_stock(order(id, vec![item("shelf", 1)], wait))
+                .await;
+            (answer, asked.elapsed())
+        })
+    };
+    let first = spawn_order("first", secs(2));
+    wait_for_waiters(&locks, "stock/shelf", 1, secs(10)).await;
+    let patient = spawn_order("patient", secs(20));
+    let hasty = spawn_order("hasty", secs(3));
+
+    let (answer, _) = first.await.unwrap();
+    assert_eq!(answer.unwrap_err().code(), Code::Aborted);
+    let (answer, took) = hasty.await.unwrap();
+    let status = answer.expect_err("the lock stays held past its wait");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        took < secs(10),
+        "answered after {took:?}, not by its own 3 s wait"
+    );
+
+    let_go(&locks, "stock/shelf", &held.token).await;
+    let (answer, _) = patient.await.unwrap();
+    assert_eq!(answer.expect("it sells").into_inner().remaining[0].stock, 9);
+    assert_eq!(ledger(&db, "shelf").await, (1, 1), "only the patient order");
 }
 
 /// PostgreSQL only: with SQLite's `BEGIN IMMEDIATE` the second transaction starts after the

@@ -2,13 +2,15 @@
 //! served under one lock hold and one transaction, in arrival order, each keeping its own
 //! all-or-nothing outcome and its own answer.
 //!
-//! The first order to arrive for a set of products becomes the *leader*: it takes the product
-//! locks (the lock still comes before the transaction), then drains every order that queued
-//! for the same products meanwhile, applies them in one transaction, commits, releases the
-//! locks, and answers each. Then it hands leadership to the first order still queued, which
-//! serves the next batch under a fresh lock hold; so no order waits for more than the batch
-//! ahead of it and its own. An order whose caller went away before its batch started is not
-//! applied; one whose deadline passed while its leader waited for the locks gets ABORTED.
+//! The first order to arrive for a set of products starts a *leader*, a task of its own: it
+//! takes the orders queued for those products so far (up to `stock_max_batch`), takes the
+//! product locks (the lock still comes before the transaction), applies the orders in one
+//! transaction, commits, releases the locks, and answers each. Then it hands leadership to the
+//! first order still queued, which starts the next batch's leader under a fresh lock hold; so
+//! no order waits for more than the batch ahead of it and its own. Each order waits only until
+//! its own deadline: one whose deadline passes before its batch took it into the transaction
+//! answers ABORTED then, and is skipped; once taken, its answer comes with its transaction's
+//! end. An order whose caller went away before its batch took it is not applied.
 //!
 //! Inside the transaction each order is decided in memory against the stock read at the start
 //! (minus the orders before it): enough of every item, or nothing at all. Then each product is
@@ -17,7 +19,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::{sync::oneshot, time::Instant};
@@ -35,6 +40,10 @@ struct Pending {
     answer: Answer,
     /// Fired when this order becomes the leader of the next batch (taken when fired).
     promote: Option<oneshot::Sender<()>>,
+    /// Set by whichever comes first: the batch taking the order into its transaction, or the
+    /// order's own deadline passing while it waits (it then answers ABORTED itself and is
+    /// skipped).
+    claim: Arc<AtomicBool>,
 }
 
 /// Orders waiting for their batch, by the product set they lock. A key is present while a
@@ -69,22 +78,24 @@ impl Drop for HandOn<'_> {
 impl StockEngine {
     /// ReduceStock through group commit.
     pub(super) async fn reduce_grouped(
-        &self,
+        self: &Arc<Self>,
         order: &Order,
         deadline: Instant,
         gone: impl std::future::Future<Output = ()>,
     ) -> Result<Applied, StockError> {
         let key: Vec<ProductId> = order.items.iter().map(|(p, _)| p.id.clone()).collect();
-        // A queued follower counts as a waiter on its first product's lock (load caps); a
-        // leader is counted by the lock engine while it waits for the locks.
-        let slot = self.locks.admission().admit(&order.items[0].0.lock)?;
+        // A queued order counts as a waiter on its first product's lock (load caps) until it
+        // leads; a leader is counted by the lock engine while it waits for the locks.
+        let mut slot = Some(self.locks.admission().admit(&order.items[0].0.lock)?);
         let (answer, mut answered) = oneshot::channel();
         let (promote, mut promoted) = oneshot::channel();
+        let claim = Arc::new(AtomicBool::new(false));
         let pending = Pending {
             order: order.clone(),
             deadline,
             answer,
             promote: Some(promote),
+            claim: claim.clone(),
         };
         let leads = {
             let mut queues = self.groups.queues();
@@ -104,30 +115,58 @@ impl StockEngine {
                 "the order's batch ended without an answer".into(),
             )))
         };
-        let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
-        if !leads {
-            // A follower whose caller goes away drops its channels: its leader then skips the
-            // order (unless its batch already started) and does not promote it.
-            let gone_first = tokio::select! {
+        // A batch is served in a task of its own, to the end, whoever of its callers goes
+        // away or runs out of time meanwhile; the answer comes from it.
+        let lead = |slot: &mut Option<_>| {
+            *slot = None;
+            let (engine, key) = (self.clone(), key.clone());
+            let products: Vec<Product> = order.items.iter().map(|(p, _)| p.clone()).collect();
+            tokio::spawn(async move { engine.lead(&key, &products).await });
+        };
+        if leads {
+            lead(&mut slot);
+        }
+        let expires = tokio::time::sleep_until(deadline);
+        tokio::pin!(expires, gone);
+        // Until the promotion comes, or cannot any more (the order went into a batch).
+        let mut promotable = !leads;
+        let mut taken = false;
+        loop {
+            let stop = tokio::select! {
                 biased;
                 result = &mut answered => return result.unwrap_or_else(|_| lost()),
-                Ok(()) = &mut promoted => false,
-                () = gone => true,
+                promotion = &mut promoted, if promotable => {
+                    promotable = false;
+                    if promotion.is_ok() {
+                        lead(&mut slot);
+                    }
+                    continue;
+                }
+                () = &mut expires, if !taken => {
+                    // Not yet taken into a transaction: the order will not be, and says so by
+                    // its own wait timeout rather than when the batch ahead of it ends. Taken
+                    // already: its transaction is under way, and its answer is near.
+                    if claim.swap(true, Ordering::AcqRel) {
+                        taken = true;
+                        continue;
+                    }
+                    Err(StockError::LockTimeout(key[0].clone()))
+                }
+                // Skipped by its batch (unless the batch took it already): the answer channel
+                // closes as this returns.
+                () = &mut gone => Err(StockError::Lock(crate::lock::LockError::Cancelled)),
             };
-            if gone_first {
-                // Refuse a promotion from now on; one that raced in must still be served, or
-                // the orders queued behind would wait for a leader that never comes.
+            // It stops waiting: it refuses a promotion from now on, and serves one that raced
+            // in all the same, or the orders queued behind it would wait for a leader that
+            // never comes.
+            if promotable {
                 promoted.close();
-                if promoted.try_recv().is_err() {
-                    return Err(StockError::Lock(crate::lock::LockError::Cancelled));
+                if promoted.try_recv().is_ok() {
+                    lead(&mut slot);
                 }
             }
+            return stop;
         }
-        // The leader serves its batch to the end, even if its own caller went away (its order
-        // may then be applied; a retry with the same order_id tells).
-        drop(slot);
-        self.lead(&key, &products).await;
-        answered.await.unwrap_or_else(|_| lost())
     }
 
     /// Serves one batch for `key` (the leader's own order is first in the queue), then hands
@@ -174,6 +213,9 @@ impl StockEngine {
         for pending in batch {
             if pending.answer.is_closed() {
                 continue; // the caller went away: not applied
+            }
+            if pending.claim.swap(true, Ordering::AcqRel) {
+                continue; // its deadline passed first: it answered ABORTED itself
             }
             if pending.deadline < now {
                 let _ = pending

@@ -218,7 +218,7 @@ impl StockEngine {
     /// Applies an order: all items or none, once per order id. Each answer is counted and timed
     /// by its outcome (`telemetry::REDUCE_STOCK_SECONDS`).
     pub async fn reduce(
-        &self,
+        self: &Arc<Self>,
         order: &Order,
         deadline: Instant,
         gone: impl Future<Output = ()>,
