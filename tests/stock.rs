@@ -42,6 +42,7 @@ on_both_databases!(
     the_transaction_begins_only_after_the_product_lock_is_held,
     a_lease_lost_mid_transaction_aborts_and_the_sale_made_meanwhile_stands,
     the_same_order_sent_twice_at_once_is_applied_once,
+    an_order_that_may_not_wait_sells_if_the_product_is_free_and_else_aborts_at_once,
     an_order_whose_buyer_gave_up_mid_transaction_applies_once_and_its_retry_says_so,
     restore_gives_an_order_back_exactly_once,
     unknown_products_and_orders_are_not_found_and_change_nothing,
@@ -367,6 +368,37 @@ async fn the_same_order_sent_twice_at_once_is_applied_once(kind: DbKind) {
         (level(&stock, "mug").await, level(&stock, "tea").await),
         (7, 9)
     );
+}
+
+/// `wait_timeout` 0: the order tries the product lock once. It sells when the product is free
+/// (with group commit on, the default, as with it off), and is ABORTED at once, changing
+/// nothing, while another holds the lock.
+async fn an_order_that_may_not_wait_sells_if_the_product_is_free_and_else_aborts_at_once(
+    kind: DbKind,
+) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let server = Latchkey::start_on(&redis, &db).await;
+    let mut stock = server.stock().await;
+    let locks = server.locks().await;
+    set_stock(&mut stock, "pen", 10).await;
+
+    let sold = stock
+        .reduce_stock(order("now-1", vec![item("pen", 1)], Duration::ZERO))
+        .await
+        .expect("the product is free")
+        .into_inner();
+    assert_eq!(sold.remaining[0].stock, 9);
+
+    let held = take(&locks, "stock/pen", secs(30)).await;
+    let status = stock
+        .reduce_stock(order("now-2", vec![item("pen", 1)], Duration::ZERO))
+        .await
+        .expect_err("the product's lock is held");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let_go(&locks, "stock/pen", &held.token).await;
+    assert_eq!(level(&stock, "pen").await, 9);
+    assert_eq!(ledger(&db, "pen").await, (1, 1));
 }
 
 /// The buyer's gRPC deadline passes while its order's transaction runs. The call ends at the

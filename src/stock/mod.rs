@@ -224,7 +224,9 @@ impl StockEngine {
         gone: impl Future<Output = ()>,
     ) -> Result<Applied, StockError> {
         let started = std::time::Instant::now();
-        let result = if self.config.stock_group_commit {
+        // An order with no wait left (`wait_timeout` 0) tries the locks once, on its own: in a
+        // batch its deadline would pass before the batch even tried for them.
+        let result = if self.config.stock_group_commit && Instant::now() < deadline {
             self.reduce_grouped(order, deadline, gone).await
         } else {
             self.reduce_alone(order, deadline, gone).await
