@@ -66,6 +66,16 @@ fn order(id: &str, items: Vec<pb::StockItem>, wait: Duration) -> pb::ReduceStock
     }
 }
 
+/// Sends `request` on a clone of `stock` from a task of its own, so the test goes on meanwhile
+/// (or aborts the task: a caller who gives up).
+fn in_background(
+    stock: &StockServiceClient<Channel>,
+    request: pb::ReduceStockRequest,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::ReduceStockResponse>, tonic::Status>> {
+    let mut client = stock.clone();
+    tokio::spawn(async move { client.reduce_stock(request).await })
+}
+
 async fn level(stock: &StockServiceClient<Channel>, product: &str) -> u64 {
     let answer = stock
         .clone()
@@ -836,15 +846,7 @@ async fn a_buyer_who_gives_up_in_the_group_commit_queue_strands_nobody_behind_hi
     let held = take(&locks, "stock/kiosk", secs(30)).await;
 
     // A leads (waits for the lock); B and C queue behind it in the process; B gives up.
-    let spawn_order = |id: &'static str| {
-        let server_stock = stock.clone();
-        tokio::spawn(async move {
-            let mut client = server_stock;
-            client
-                .reduce_stock(order(id, vec![item("kiosk", 1)], secs(30)))
-                .await
-        })
-    };
+    let spawn_order = |id: &str| in_background(&stock, order(id, vec![item("kiosk", 1)], secs(30)));
     let a = spawn_order("queue-a");
     wait_for_waiters(&locks, "stock/kiosk", 1, secs(10)).await;
     let b = spawn_order("queue-b");
@@ -886,12 +888,7 @@ async fn a_queued_order_answers_by_its_own_wait_timeout_not_by_the_batch_ahead_o
     set_stock(&mut stock, "desk", 10).await;
     let held = take(&locks, "stock/desk", secs(30)).await;
 
-    let mut patient = stock.clone();
-    let first = tokio::spawn(async move {
-        patient
-            .reduce_stock(order("long-1", vec![item("desk", 1)], secs(20)))
-            .await
-    });
+    let first = in_background(&stock, order("long-1", vec![item("desk", 1)], secs(20)));
     wait_for_waiters(&locks, "stock/desk", 1, secs(10)).await; // its leader waits for the lock
 
     let asked = Instant::now();
@@ -926,25 +923,20 @@ async fn an_order_in_a_batch_answers_by_its_own_wait_timeout_not_by_its_batch_ma
     set_stock(&mut stock, "shelf", 10).await;
     let held = take(&locks, "stock/shelf", secs(30)).await;
 
-    let spawn_order = |id: &'static str, wait: Duration| {
-        let mut client = stock.clone();
-        tokio::spawn(async move {
-            let asked = Instant::now();
-            let answer = client
-                .reduce_stock(order(id, vec![item("shelf", 1)], wait))
-                .await;
-            (answer, asked.elapsed())
-        })
-    };
+    let spawn_order =
+        |id: &str, wait| in_background(&stock, order(id, vec![item("shelf", 1)], wait));
     let first = spawn_order("first", secs(2));
     wait_for_waiters(&locks, "stock/shelf", 1, secs(10)).await;
     let patient = spawn_order("patient", secs(20));
+    let asked = Instant::now();
     let hasty = spawn_order("hasty", secs(3));
 
-    let (answer, _) = first.await.unwrap();
-    assert_eq!(answer.unwrap_err().code(), Code::Aborted);
-    let (answer, took) = hasty.await.unwrap();
-    let status = answer.expect_err("the lock stays held past its wait");
+    assert_eq!(first.await.unwrap().unwrap_err().code(), Code::Aborted);
+    let status = hasty
+        .await
+        .unwrap()
+        .expect_err("the lock stays held past its wait");
+    let took = asked.elapsed(); // an upper bound: read once the test has the answer
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(
         took < secs(10),
@@ -952,8 +944,8 @@ async fn an_order_in_a_batch_answers_by_its_own_wait_timeout_not_by_its_batch_ma
     );
 
     let_go(&locks, "stock/shelf", &held.token).await;
-    let (answer, _) = patient.await.unwrap();
-    assert_eq!(answer.expect("it sells").into_inner().remaining[0].stock, 9);
+    let sold = patient.await.unwrap().expect("it sells");
+    assert_eq!(sold.into_inner().remaining[0].stock, 9);
     assert_eq!(ledger(&db, "shelf").await, (1, 1), "only the patient order");
 }
 
@@ -977,13 +969,8 @@ async fn an_order_id_raced_for_other_products_applies_once_and_its_batch_mates_s
     // "twin" (right) leads a batch on "right" and waits for its lock; "solo" queues behind it
     // in the same process and joins that batch.
     let held = take(&locks, "stock/right", secs(30)).await;
-    let spawn_order = |id: &'static str, product: &'static str| {
-        let mut client = stock.clone();
-        tokio::spawn(async move {
-            client
-                .reduce_stock(order(id, vec![item(product, 1)], secs(30)))
-                .await
-        })
+    let spawn_order = |id: &str, product: &str| {
+        in_background(&stock, order(id, vec![item(product, 1)], secs(30)))
     };
     let twin_right = spawn_order("twin", "right");
     wait_for_waiters(&locks, "stock/right", 1, secs(10)).await;
