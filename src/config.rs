@@ -220,6 +220,12 @@ pub struct StockConfig {
     /// before its writes. Never set it in production.
     #[arg(long, env = "LATCHKEY_FAULT_TXN_DELAY", default_value = "0s", value_parser = parse_duration, hide = true)]
     pub fault_txn_delay: Duration,
+
+    /// Fault injection for tests: a group-commit batch holding an order with this id panics
+    /// after its checks, with its product locks held and its transaction open. Never set it in
+    /// production.
+    #[arg(long, env = "LATCHKEY_FAULT_PANIC_ORDER", hide = true)]
+    pub fault_panic_order: Option<String>,
 }
 
 impl Config {

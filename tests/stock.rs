@@ -44,6 +44,7 @@ on_both_databases!(
     the_same_order_sent_twice_at_once_is_applied_once,
     an_order_that_may_not_wait_sells_if_the_product_is_free_and_else_aborts_at_once,
     an_order_whose_buyer_gave_up_mid_transaction_applies_once_and_its_retry_says_so,
+    a_batch_that_panics_applies_nothing_and_the_order_queued_behind_it_still_sells,
     restore_gives_an_order_back_exactly_once,
     unknown_products_and_orders_are_not_found_and_change_nothing,
     a_short_order_names_each_short_product_and_changes_nothing,
@@ -456,6 +457,45 @@ async fn an_order_whose_buyer_gave_up_mid_transaction_applies_once_and_its_retry
     assert_eq!(retry.remaining[0].stock, 6);
     assert_eq!(level(&stock, "lamp").await, 6);
     assert_eq!(ledger(&db, "lamp").await, (1, 4));
+}
+
+/// A group-commit batch panics (the hidden `fault_panic_order`) after its checks, with the
+/// product lock held and its transaction open. Its order is answered INTERNAL and nothing of it
+/// is applied (the open transaction is rolled back). The batch still hands leadership on: the
+/// order queued behind it leads the next batch, which takes the product lock once the dead
+/// batch's lease (1 s) ran out, and sells.
+async fn a_batch_that_panics_applies_nothing_and_the_order_queued_behind_it_still_sells(
+    kind: DbKind,
+) {
+    let redis = RedisServer::start();
+    let db = TestDb::new(kind).await;
+    let mut config = test_config(&redis);
+    config.stock.database_url = db.url.clone();
+    config.stock.stock_lease = secs(1);
+    config.stock.fault_panic_order = Some("poison".into());
+    let server = Latchkey::start_with(config).await;
+    let mut stock = server.stock().await;
+    let locks = server.locks().await;
+    set_stock(&mut stock, "jar", 10).await;
+    let held = take(&locks, "stock/jar", secs(30)).await;
+
+    // "poison" leads a batch that waits for the lock; "next" arrives later and queues behind
+    // that batch, for the next one.
+    let poison = in_background(&stock, order("poison", vec![item("jar", 1)], secs(30)));
+    wait_for_waiters(&locks, "stock/jar", 1, secs(10)).await;
+    let next = in_background(&stock, order("next", vec![item("jar", 2)], secs(20)));
+    tokio::time::sleep(ms(300)).await;
+    let_go(&locks, "stock/jar", &held.token).await;
+
+    let status = poison.await.unwrap().expect_err("its batch panicked");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    let sold = next
+        .await
+        .unwrap()
+        .expect("the order queued behind the dead batch sells");
+    assert_eq!(sold.into_inner().remaining[0].stock, 8);
+    assert_eq!(level(&stock, "jar").await, 8, "poison took nothing");
+    assert_eq!(ledger(&db, "jar").await, (1, 2), "only next is recorded");
 }
 
 async fn restore_gives_an_order_back_exactly_once(kind: DbKind) {

@@ -234,6 +234,15 @@ impl StockEngine {
         }
     }
 
+    /// Panics if `orders` holds the order `--fault-panic-order` names (tests only).
+    fn fault_panic(&self, orders: &[&Order]) {
+        if let Some(id) = &self.config.fault_panic_order
+            && orders.iter().any(|order| order.id.as_str() == id)
+        {
+            panic!("fault injection: a batch with order {id} panics");
+        }
+    }
+
     /// Makes the first order still queued for `key` the next leader; orders whose callers went
     /// away are dropped on the way. With nobody queued, the key goes: the next arrival leads.
     fn hand_off(&self, key: &[ProductId]) {
@@ -357,6 +366,7 @@ impl StockEngine {
 
         if !applied.is_empty() {
             self.fault_delay().await;
+            self.fault_panic(orders);
             let mut taken: BTreeMap<&ProductId, i64> = BTreeMap::new();
             for order in applied.values() {
                 for (product, quantity, _) in &order.items {
