@@ -2,16 +2,22 @@
 //! keeps a later change to the proto from leaving them showing a different one: every method
 //! they call exists, every field they send or get back is a field of its message, and an answer
 //! shown with `-emit-defaults` (which prints every field) shows every field its message has.
-//! Every console block starts with the command that printed it. Values are not compared:
-//! tokens, fences and TTLs differ from run to run. The one exception is "Bad input": those
-//! calls need no earlier state, so they are sent again, to a real latchkey, and must be
-//! answered with the very code and message the README shows. Apart from the transcripts, the
-//! Operations section's list of metrics must name every metric `src/telemetry.rs` declares.
+//! Every console block starts with the command that printed it. Values are not compared in
+//! general: tokens, fences and TTLs differ from run to run. Two sections are exceptions, as
+//! their calls need no state from before them: "Bad input", whose calls are sent again, to a
+//! real latchkey, and must be answered with the very code and message the README shows; and
+//! the Stock walkthrough, whose calls are sent again in order, each answered with the very JSON
+//! or error the README shows. Apart from the transcripts, the Operations section's list of
+//! metrics must name every metric `src/telemetry.rs` declares.
 
 mod common;
 
-use prost_reflect::{DescriptorPool, Kind, MessageDescriptor, MethodDescriptor};
+use std::time::Duration;
+
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor};
 use serde_json::Value;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 /// The messages and methods latchkey serves: its own proto and gRPC health.
 struct Api(DescriptorPool);
@@ -111,26 +117,29 @@ fn console_blocks(readme: &str) -> impl Iterator<Item = &str> {
         .map(|block| block.split("```").next().unwrap_or_default())
 }
 
-/// Every command in the README's ```console blocks that calls grpcurl, with its output (the
-/// lines up to the next `$ ` line or the block's end).
+/// Every command in the README's ```console blocks that calls grpcurl, with its output.
 fn transcripts(readme: &str) -> Vec<Call> {
+    console_blocks(readme).flat_map(calls_in).collect()
+}
+
+/// Every command in one console block that calls grpcurl, with its output (the lines up to the
+/// next `$ ` line or the block's end).
+fn calls_in(block: &str) -> Vec<Call> {
     let mut calls = Vec::new();
-    for block in console_blocks(readme) {
-        let mut current: Option<Call> = None;
-        for line in block.lines() {
-            if let Some(command) = line.strip_prefix("$ ") {
-                calls.extend(current.take());
-                current = command.contains("grpcurl").then(|| Call {
-                    command: command.to_owned(),
-                    output: String::new(),
-                });
-            } else if let Some(call) = current.as_mut() {
-                call.output.push_str(line);
-                call.output.push('\n');
-            }
+    let mut current: Option<Call> = None;
+    for line in block.lines() {
+        if let Some(command) = line.strip_prefix("$ ") {
+            calls.extend(current.take());
+            current = command.contains("grpcurl").then(|| Call {
+                command: command.to_owned(),
+                output: String::new(),
+            });
+        } else if let Some(call) = current.as_mut() {
+            call.output.push_str(line);
+            call.output.push('\n');
         }
-        calls.extend(current);
     }
+    calls.extend(current);
     calls
 }
 
@@ -330,30 +339,75 @@ fn canonical_durations(desc: &MessageDescriptor, json: &Value) -> Value {
     Value::Object(out)
 }
 
+/// A gRPC codec for messages known only from their descriptors, as grpcurl knows them:
+/// requests are encoded as any protobuf message, answers decoded as the method's output.
+struct DynamicCodec(MessageDescriptor);
+struct DynamicEncoder;
+struct DynamicDecoder(MessageDescriptor);
+
+impl Codec for DynamicCodec {
+    type Encode = DynamicMessage;
+    type Decode = DynamicMessage;
+    type Encoder = DynamicEncoder;
+    type Decoder = DynamicDecoder;
+
+    fn encoder(&mut self) -> DynamicEncoder {
+        DynamicEncoder
+    }
+
+    fn decoder(&mut self) -> DynamicDecoder {
+        DynamicDecoder(self.0.clone())
+    }
+}
+
+impl Encoder for DynamicEncoder {
+    type Item = DynamicMessage;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: DynamicMessage, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        item.encode(dst)
+            .map_err(|e| tonic::Status::internal(format!("encoding the request: {e}")))
+    }
+}
+
+impl Decoder for DynamicDecoder {
+    type Item = DynamicMessage;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DynamicMessage>, Self::Error> {
+        DynamicMessage::decode(self.0.clone(), src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("decoding the answer: {e}")))
+    }
+}
+
 /// Sends `request` (grpcurl's JSON) to `method` ("package.Service/Method") as its protobuf
-/// message, the way grpcurl does; the answer's fields are not read.
+/// message, the way grpcurl does, and gives back the answer as grpcurl prints it without
+/// `-emit-defaults`: fields at their default value left out, 64-bit integers as strings.
 async fn call_with_json(
     channel: tonic::transport::Channel,
     api: &Api,
     method: &str,
     request: &Value,
-) -> Result<(), tonic::Status> {
-    let input = api
+) -> Result<Value, tonic::Status> {
+    let described = api
         .method(method)
-        .unwrap_or_else(|| panic!("no method {method}"))
-        .input();
-    let message = prost_reflect::DynamicMessage::deserialize(
-        input.clone(),
-        canonical_durations(&input, request),
-    )
-    .unwrap_or_else(|e| panic!("{method}: request {request} does not parse: {e}"));
+        .unwrap_or_else(|| panic!("no method {method}"));
+    let input = described.input();
+    let message = DynamicMessage::deserialize(input.clone(), canonical_durations(&input, request))
+        .unwrap_or_else(|e| panic!("{method}: request {request} does not parse: {e}"));
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.expect("latchkey ready");
     let path = format!("/{method}").parse().expect("a gRPC path");
-    let codec = tonic_prost::ProstCodec::<prost_reflect::DynamicMessage, ()>::default();
-    grpc.unary(tonic::Request::new(message), path, codec)
-        .await
-        .map(drop)
+    let answer = grpc
+        .unary(
+            tonic::Request::new(message),
+            path,
+            DynamicCodec(described.output()),
+        )
+        .await?
+        .into_inner();
+    Ok(serde_json::to_value(&answer).expect("an answer serializes to JSON"))
 }
 
 #[tokio::test]
@@ -382,7 +436,7 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
                 panic!("`{}` sends {} requests, not one", call.command, found.len())
             });
         let status = match call_with_json(channel.clone(), &api, method, &request).await {
-            Ok(()) => panic!("`{}` was accepted; the README shows {code}", call.command),
+            Ok(_) => panic!("`{}` was accepted; the README shows {code}", call.command),
             Err(status) => status,
         };
         assert_eq!(
@@ -392,6 +446,80 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
             call.command
         );
     }
+}
+
+/// The Stock section's walkthrough makes its own products, so it is run again, call by call
+/// and in order, on a fresh latchkey; every answer must be the README's, JSON for JSON (as
+/// grpcurl prints it) or code and message for an error. Its second block runs while the test
+/// holds `stock/sku-2`, as the README's text before it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_stock_walkthrough_is_what_latchkey_answers() {
+    let readme = common::readme();
+    let heading = "### Stock: SetStock, ReduceStock (success, replay, insufficient), RestoreStock";
+    let section = common::readme_section(&readme, heading)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("the README has the Stock walkthrough");
+    let blocks: Vec<&str> = console_blocks(section).collect();
+    assert_eq!(
+        blocks.len(),
+        2,
+        "expected the walkthrough and the held-lock call"
+    );
+    assert!(
+        section.contains("While someone holds `stock/sku-2`"),
+        "the second block's set-up is no longer the one this test makes"
+    );
+
+    let redis = common::RedisServer::start();
+    let server = common::Latchkey::start(&redis).await;
+    let api = Api::load();
+    let channel = server.channel().await;
+    let mut checked = 0;
+    let mut _held = None;
+    for (i, block) in blocks.into_iter().enumerate() {
+        if i == 1 {
+            let locks = server.locks().await;
+            _held = Some(common::take(&locks, "stock/sku-2", Duration::from_secs(60)).await);
+        }
+        for call in calls_in(block) {
+            let method = method(&call.command).expect("a grpcurl call of a method");
+            let [request] =
+                requests(&call.command)
+                    .try_into()
+                    .unwrap_or_else(|found: Vec<Value>| {
+                        panic!("`{}` sends {} requests, not one", call.command, found.len())
+                    });
+            let answer = call_with_json(channel.clone(), &api, method, &request).await;
+            match (shown_error(&call.output), answer) {
+                (Some((code, message)), Err(status)) => assert_eq!(
+                    (format!("{:?}", status.code()), status.message()),
+                    (code, message.as_str()),
+                    "`{}`: latchkey's error (left) is not the README's (right)",
+                    call.command
+                ),
+                (None, Ok(answer)) => {
+                    let [shown] =
+                        answers(&call.output)
+                            .try_into()
+                            .unwrap_or_else(|found: Vec<Value>| {
+                                panic!("`{}` shows {} answers, not one", call.command, found.len())
+                            });
+                    assert_eq!(
+                        answer, shown,
+                        "`{}`: latchkey's answer (left) is not the README's (right)",
+                        call.command
+                    );
+                }
+                (shown, answer) => panic!(
+                    "`{}`: the README shows {}, latchkey answered {answer:?}",
+                    call.command,
+                    shown.map_or("an answer".to_owned(), |(code, _)| format!("error {code}"))
+                ),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "checked only {checked} calls");
 }
 
 /// Every metric latchkey records: the `pub const NAME: &str = "latchkey_..."` lines of
