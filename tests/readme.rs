@@ -2,20 +2,22 @@
 //! keeps a later change to the proto from leaving them showing a different one: every method
 //! they call exists, every field they send or get back is a field of its message, and an answer
 //! shown with `-emit-defaults` (which prints every field) shows every field its message has.
-//! Every console block starts with the command that printed it. Values are not compared in
-//! general: tokens, fences and TTLs differ from run to run. Two sections are exceptions, as
-//! their calls need no state from before them: "Bad input", whose calls are sent again, to a
-//! real latchkey, and must be answered with the very code and message the README shows; and
-//! the Stock walkthrough, whose calls are sent again in order, each answered with the very JSON
-//! or error the README shows. Apart from the transcripts, the Operations section's list of
-//! metrics must name every metric `src/telemetry.rs` declares.
+//! Every console block starts with the command that printed it. The calls that need no state
+//! from before their block are also sent again, to a real latchkey, and must be answered as the
+//! README shows: "Bad input" (the very code and message), the Stock walkthrough and the first
+//! two blocks of the lock walkthrough (each block's calls in order; the very error, or the same
+//! JSON, where each token and fence the README shows stands for the one this run got in its
+//! place and a TTL may differ by a little). Apart from the transcripts, the Operations
+//! section's list of metrics must name every metric `src/telemetry.rs` declares.
 
 mod common;
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor, SerializeOptions,
+};
 use serde_json::Value;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -382,13 +384,15 @@ impl Decoder for DynamicDecoder {
 }
 
 /// Sends `request` (grpcurl's JSON) to `method` ("package.Service/Method") as its protobuf
-/// message, the way grpcurl does, and gives back the answer as grpcurl prints it without
-/// `-emit-defaults`: fields at their default value left out, 64-bit integers as strings.
+/// message, the way grpcurl does, and gives back the answer as grpcurl prints it: 64-bit
+/// integers as strings, fields at their default value left out unless `emit_defaults` (then
+/// shown, but for a message field not set, which grpcurl prints as `null`).
 async fn call_with_json(
     channel: tonic::transport::Channel,
     api: &Api,
     method: &str,
     request: &Value,
+    emit_defaults: bool,
 ) -> Result<Value, tonic::Status> {
     let described = api
         .method(method)
@@ -407,7 +411,11 @@ async fn call_with_json(
         )
         .await?
         .into_inner();
-    Ok(serde_json::to_value(&answer).expect("an answer serializes to JSON"))
+    let options = SerializeOptions::new().skip_default_fields(!emit_defaults);
+    let json = answer
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .expect("an answer serializes to JSON");
+    Ok(json)
 }
 
 #[tokio::test]
@@ -435,7 +443,7 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
             .unwrap_or_else(|found: Vec<Value>| {
                 panic!("`{}` sends {} requests, not one", call.command, found.len())
             });
-        let status = match call_with_json(channel.clone(), &api, method, &request).await {
+        let status = match call_with_json(channel.clone(), &api, method, &request, false).await {
             Ok(_) => panic!("`{}` was accepted; the README shows {code}", call.command),
             Err(status) => status,
         };
@@ -448,6 +456,172 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
     }
 }
 
+/// How far a TTL latchkey reads off its clock may be from the README's: the README's calls
+/// were typed by hand, seconds apart, the test's follow each other at once.
+const CLOCK_SLACK: Duration = Duration::from_millis(2500);
+
+/// The README's values that stand for values that differ from run to run: each token and
+/// fence the README shows stands for the one latchkey gave in its place, the same wherever
+/// it appears again.
+#[derive(Default)]
+struct Stand(HashMap<String, String>);
+
+impl Stand {
+    /// `request` with every token the README showed replaced by this run's.
+    fn request(&self, request: &Value) -> Value {
+        let mut request = request.clone();
+        if let Some(Value::String(token)) = request.get_mut("token")
+            && let Some(ours) = self.0.get(token.as_str())
+        {
+            *token = ours.clone();
+        }
+        request
+    }
+
+    /// What differs between the answer the README `shown` and latchkey's `actual` one, keys
+    /// and values, but for tokens and fences that stand for this run's (learned here on first
+    /// sight) and TTLs within `CLOCK_SLACK`.
+    fn differences(&mut self, shown: &Value, actual: &Value, at: &str) -> Vec<String> {
+        match (shown, actual) {
+            (Value::Object(shown), Value::Object(actual)) => {
+                let mut keys: Vec<&String> = shown.keys().chain(actual.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                let mut differences = Vec::new();
+                for key in keys {
+                    let at = format!("{at}.{key}");
+                    match (shown.get(key), actual.get(key)) {
+                        (Some(shown), Some(actual)) => {
+                            differences.extend(self.value_differs(key, shown, actual, &at))
+                        }
+                        // `-emit-defaults` shows a message field not set as null.
+                        (Some(Value::Null), None) => {}
+                        (Some(_), None) => differences.push(format!("{at}: shown, not answered")),
+                        (None, Some(_)) => differences.push(format!("{at}: answered, not shown")),
+                        (None, None) => {}
+                    }
+                }
+                differences
+            }
+            (Value::Array(shown), Value::Array(actual)) if shown.len() == actual.len() => shown
+                .iter()
+                .zip(actual)
+                .enumerate()
+                .flat_map(|(i, (shown, actual))| {
+                    self.differences(shown, actual, &format!("{at}[{i}]"))
+                })
+                .collect(),
+            _ if shown == actual => Vec::new(),
+            _ => vec![format!("{at}: shown {shown}, answered {actual}")],
+        }
+    }
+
+    fn value_differs(&mut self, key: &str, shown: &Value, actual: &Value, at: &str) -> Vec<String> {
+        let (Value::String(shown_text), Value::String(actual_text)) = (shown, actual) else {
+            return self.differences(shown, actual, at);
+        };
+        let unset = shown_text.is_empty() || shown_text == "0";
+        if matches!(key, "token" | "fence") && !unset {
+            if let Some(ours) = self.0.get(shown_text) {
+                return if ours == actual_text {
+                    Vec::new()
+                } else {
+                    vec![format!(
+                        "{at}: {shown_text} stood for {ours} before, now {actual_text}"
+                    )]
+                };
+            }
+            // A new value in the README must be a new value in this run, too.
+            if let Some((before, _)) = self.0.iter().find(|(_, ours)| *ours == actual_text) {
+                return vec![format!(
+                    "{at}: shown {shown_text}, answered {actual_text}, which {before} stood for"
+                )];
+            }
+            self.0.insert(shown_text.clone(), actual_text.clone());
+            return Vec::new();
+        }
+        // A TTL read off a clock has a fraction; a lease as granted does not.
+        if let (Some(shown_ttl), Some(actual_ttl)) = (
+            shown_text.strip_suffix('s').filter(|t| t.contains('.')),
+            actual_text.strip_suffix('s'),
+        ) && let (Ok(shown_ttl), Ok(actual_ttl)) =
+            (shown_ttl.parse::<f64>(), actual_ttl.parse::<f64>())
+        {
+            return if (shown_ttl - actual_ttl).abs() <= CLOCK_SLACK.as_secs_f64() {
+                Vec::new()
+            } else {
+                vec![format!("{at}: shown {shown_text}, answered {actual_text}")]
+            };
+        }
+        if shown_text == actual_text {
+            Vec::new()
+        } else {
+            vec![format!(
+                "{at}: shown {shown_text:?}, answered {actual_text:?}"
+            )]
+        }
+    }
+}
+
+/// Sends the calls of one console block again, in order, and fails the test unless each
+/// answer is the README's: the same error code and message, or the same JSON (as grpcurl
+/// prints it, under `stand`'s rules). Returns how many calls it checked.
+async fn replay(
+    block: &str,
+    channel: &tonic::transport::Channel,
+    api: &Api,
+    stand: &mut Stand,
+) -> usize {
+    let calls = calls_in(block);
+    for call in &calls {
+        let method = method(&call.command).expect("a grpcurl call of a method");
+        let [request] = requests(&call.command)
+            .try_into()
+            .unwrap_or_else(|found: Vec<Value>| {
+                panic!("`{}` sends {} requests, not one", call.command, found.len())
+            });
+        let emit_defaults = call.command.contains("-emit-defaults");
+        let request = stand.request(&request);
+        let answer = call_with_json(channel.clone(), api, method, &request, emit_defaults).await;
+        match (shown_error(&call.output), answer) {
+            (Some((code, message)), Err(status)) => assert_eq!(
+                (format!("{:?}", status.code()), status.message()),
+                (code, message.as_str()),
+                "`{}`: latchkey's error (left) is not the README's (right)",
+                call.command
+            ),
+            (None, Ok(answer)) => {
+                let [shown] =
+                    answers(&call.output)
+                        .try_into()
+                        .unwrap_or_else(|found: Vec<Value>| {
+                            panic!("`{}` shows {} answers, not one", call.command, found.len())
+                        });
+                let differences = stand.differences(&shown, &answer, "answer");
+                assert!(
+                    differences.is_empty(),
+                    "`{}`: latchkey answered {answer}, not the README's answer: {differences:#?}",
+                    call.command
+                );
+            }
+            (shown, answer) => panic!(
+                "`{}`: the README shows {}, latchkey answered {answer:?}",
+                call.command,
+                shown.map_or("an answer".to_owned(), |(code, _)| format!("error {code}"))
+            ),
+        }
+    }
+    calls.len()
+}
+
+/// The console blocks of the README section under `heading` (up to the next heading).
+fn blocks_under<'a>(readme: &'a str, heading: &str) -> Vec<&'a str> {
+    let section = common::readme_section(readme, heading)
+        .and_then(|rest| rest.split("\n### ").next())
+        .unwrap_or_else(|| panic!("the README has no section {heading:?}"));
+    console_blocks(section).collect()
+}
+
 /// The Stock section's walkthrough makes its own products, so it is run again, call by call
 /// and in order, on a fresh latchkey; every answer must be the README's, JSON for JSON (as
 /// grpcurl prints it) or code and message for an error. Its second block runs while the test
@@ -456,70 +630,55 @@ async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
 async fn the_readme_stock_walkthrough_is_what_latchkey_answers() {
     let readme = common::readme();
     let heading = "### Stock: SetStock, ReduceStock (success, replay, insufficient), RestoreStock";
-    let section = common::readme_section(&readme, heading)
-        .and_then(|rest| rest.split("\n### ").next())
-        .expect("the README has the Stock walkthrough");
-    let blocks: Vec<&str> = console_blocks(section).collect();
+    let blocks = blocks_under(&readme, heading);
     assert_eq!(
         blocks.len(),
         2,
         "expected the walkthrough and the held-lock call"
     );
     assert!(
-        section.contains("While someone holds `stock/sku-2`"),
+        readme.contains("While someone holds `stock/sku-2`"),
         "the second block's set-up is no longer the one this test makes"
     );
 
     let redis = common::RedisServer::start();
     let server = common::Latchkey::start(&redis).await;
-    let api = Api::load();
-    let channel = server.channel().await;
-    let mut checked = 0;
-    let mut _held = None;
-    for (i, block) in blocks.into_iter().enumerate() {
-        if i == 1 {
-            let locks = server.locks().await;
-            _held = Some(common::take(&locks, "stock/sku-2", Duration::from_secs(60)).await);
-        }
-        for call in calls_in(block) {
-            let method = method(&call.command).expect("a grpcurl call of a method");
-            let [request] =
-                requests(&call.command)
-                    .try_into()
-                    .unwrap_or_else(|found: Vec<Value>| {
-                        panic!("`{}` sends {} requests, not one", call.command, found.len())
-                    });
-            let answer = call_with_json(channel.clone(), &api, method, &request).await;
-            match (shown_error(&call.output), answer) {
-                (Some((code, message)), Err(status)) => assert_eq!(
-                    (format!("{:?}", status.code()), status.message()),
-                    (code, message.as_str()),
-                    "`{}`: latchkey's error (left) is not the README's (right)",
-                    call.command
-                ),
-                (None, Ok(answer)) => {
-                    let [shown] =
-                        answers(&call.output)
-                            .try_into()
-                            .unwrap_or_else(|found: Vec<Value>| {
-                                panic!("`{}` shows {} answers, not one", call.command, found.len())
-                            });
-                    assert_eq!(
-                        answer, shown,
-                        "`{}`: latchkey's answer (left) is not the README's (right)",
-                        call.command
-                    );
-                }
-                (shown, answer) => panic!(
-                    "`{}`: the README shows {}, latchkey answered {answer:?}",
-                    call.command,
-                    shown.map_or("an answer".to_owned(), |(code, _)| format!("error {code}"))
-                ),
-            }
-            checked += 1;
-        }
-    }
+    let (api, channel) = (Api::load(), server.channel().await);
+    let mut stand = Stand::default();
+    let mut checked = replay(blocks[0], &channel, &api, &mut stand).await;
+    let locks = server.locks().await;
+    let _held = common::take(&locks, "stock/sku-2", Duration::from_secs(60)).await;
+    checked += replay(blocks[1], &channel, &api, &mut stand).await;
     assert!(checked >= 10, "checked only {checked} calls");
+}
+
+/// The lock walkthrough's first two blocks (acquire, wait, re-enter, inspect, extend, release;
+/// then each re-entry and release sent twice, as a retry) run again the same way. Tokens and
+/// fences are this run's, and TTLs within `CLOCK_SLACK` of the README's. The third block,
+/// two terminals and a release by hand, is not replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_lock_walkthrough_is_what_latchkey_answers() {
+    let readme = common::readme();
+    let blocks = blocks_under(
+        &readme,
+        "### Acquire, wait, re-enter, inspect, extend, release",
+    );
+    assert_eq!(blocks.len(), 3, "expected three console blocks");
+
+    let redis = common::RedisServer::start();
+    let server = common::Latchkey::start(&redis).await;
+    let (api, channel) = (Api::load(), server.channel().await);
+    let mut stand = Stand::default();
+    let mut checked = 0;
+    for block in &blocks[..2] {
+        checked += replay(block, &channel, &api, &mut stand).await;
+    }
+    assert!(checked >= 15, "checked only {checked} calls");
+    assert!(
+        stand.0.len() >= 4,
+        "learned too few tokens and fences: {:?}",
+        stand.0
+    );
 }
 
 /// Every metric latchkey records: the `pub const NAME: &str = "latchkey_..."` lines of
