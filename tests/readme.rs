@@ -3,12 +3,13 @@
 //! they call exists, every field they send or get back is a field of its message, and an answer
 //! shown with `-emit-defaults` (which prints every field) shows every field its message has.
 //! Every console block starts with the command that printed it. The calls that need no state
-//! from before their block are also sent again, to a real latchkey, and must be answered as the
-//! README shows: "Bad input" (the very code and message), the Stock walkthrough and the first
-//! two blocks of the lock walkthrough (each block's calls in order; the very error, or the same
-//! JSON, where each token and fence the README shows stands for the one this run got in its
-//! place and a TTL may differ by a little). Apart from the transcripts, the Operations
-//! section's list of metrics must name every metric `src/telemetry.rs` declares.
+//! from before their block (or only the set-up their text describes, which the test makes) are
+//! also sent again, to a real latchkey, and must be answered as the README shows: "Bad input"
+//! (the very code and message), the Stock walkthrough and the lock walkthrough (each block's
+//! calls in order; the very error, or the same JSON, where each token and fence the README
+//! shows stands for the one this run got in its place and a TTL may differ by a little). Apart
+//! from the transcripts, the Operations section's list of metrics must name every metric
+//! `src/telemetry.rs` declares.
 
 mod common;
 
@@ -652,10 +653,10 @@ async fn the_readme_stock_walkthrough_is_what_latchkey_answers() {
     assert!(checked >= 10, "checked only {checked} calls");
 }
 
-/// The lock walkthrough's first two blocks (acquire, wait, re-enter, inspect, extend, release;
-/// then each re-entry and release sent twice, as a retry) run again the same way. Tokens and
-/// fences are this run's, and TTLs within `CLOCK_SLACK` of the README's. The third block,
-/// two terminals and a release by hand, is not replayed.
+/// The lock walkthrough's blocks run again the same way: acquire, wait, re-enter, inspect,
+/// extend, release; each re-entry and release sent twice, as a retry; and a wait of up to 20 s
+/// that the holder's release (here the test's, a second after the wait began, as in the README)
+/// ends. Tokens and fences are this run's, and TTLs within `CLOCK_SLACK` of the README's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_lock_walkthrough_is_what_latchkey_answers() {
     let readme = common::readme();
@@ -673,7 +674,27 @@ async fn the_readme_lock_walkthrough_is_what_latchkey_answers() {
     for block in &blocks[..2] {
         checked += replay(block, &channel, &api, &mut stand).await;
     }
-    assert!(checked >= 15, "checked only {checked} calls");
+
+    // Terminal 1 holds orders/7 and releases it a second after terminal 2 starts waiting.
+    assert!(
+        blocks[2].contains("orders/7") && readme.contains("Terminal 1 holds `orders/7`"),
+        "the third block's set-up is no longer the one this test makes"
+    );
+    let locks = server.locks().await;
+    let held = common::take(&locks, "orders/7", Duration::from_secs(60)).await;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        common::let_go(&locks, "orders/7", &held.token).await;
+    });
+    let started = std::time::Instant::now();
+    checked += replay(blocks[2], &channel, &api, &mut stand).await;
+    let waited = started.elapsed();
+    release.await.expect("terminal 1 released");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the waiter had the lock after {waited:?}: not woken by the release a second in"
+    );
+    assert!(checked >= 16, "checked only {checked} calls");
     assert!(
         stand.0.len() >= 4,
         "learned too few tokens and fences: {:?}",
