@@ -25,8 +25,7 @@ async fn lock_is_free(server: &Latchkey, product: &str) -> bool {
 async fn a_locked_sqlite_file_gives_unavailable_releases_the_locks_and_writes_nothing() {
     let redis = RedisServer::start();
     let db = TestDb::new(DbKind::Sqlite).await;
-    let mut config = test_config(&redis);
-    config.stock.database_url = db.url.clone();
+    let mut config = test_config_on(&redis, &db);
     config.stock.database_timeout = ms(500);
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;

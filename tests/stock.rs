@@ -278,8 +278,7 @@ async fn a_lease_lost_mid_transaction_aborts_and_the_sale_made_meanwhile_stands(
     let redis = RedisServer::start();
     let db = TestDb::new(kind).await;
     // The slow server: product leases of 300 ms, and 1.5 s spent inside each transaction.
-    let mut slow_config = test_config(&redis);
-    slow_config.stock.database_url = db.url.clone();
+    let mut slow_config = test_config_on(&redis, &db);
     slow_config.stock.stock_lease = ms(300);
     slow_config.stock.fault_txn_delay = ms(1500);
     let slow = Latchkey::start_with(slow_config).await;
@@ -422,8 +421,7 @@ async fn an_order_whose_buyer_gave_up_mid_transaction_applies_once_and_its_retry
     let redis = RedisServer::start();
     let db = TestDb::new(kind).await;
     // 3 s inside every ReduceStock transaction; the buyer's deadline is 1 s.
-    let mut config = test_config(&redis);
-    config.stock.database_url = db.url.clone();
+    let mut config = test_config_on(&redis, &db);
     config.stock.fault_txn_delay = secs(3);
     let server = Latchkey::start_with(config).await;
     let mut stock = server.stock().await;
@@ -469,8 +467,7 @@ async fn a_batch_that_panics_applies_nothing_and_the_order_queued_behind_it_stil
 ) {
     let redis = RedisServer::start();
     let db = TestDb::new(kind).await;
-    let mut config = test_config(&redis);
-    config.stock.database_url = db.url.clone();
+    let mut config = test_config_on(&redis, &db);
     config.stock.stock_lease = secs(1);
     config.stock.fault_panic_order = Some("poison".into());
     let server = Latchkey::start_with(config).await;
@@ -601,8 +598,7 @@ async fn unknown_products_and_orders_are_not_found_and_change_nothing(kind: DbKi
         "an order for an unknown product left its lock in Redis"
     );
     // The same without group commit (one transaction per order).
-    let mut config = test_config(&redis);
-    config.stock.database_url = db.url.clone();
+    let mut config = test_config_on(&redis, &db);
     config.stock.stock_group_commit = false;
     let ungrouped = Latchkey::start_with(config).await;
     let status = ungrouped
@@ -841,8 +837,7 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(kind: DbKind)
 async fn without_group_commit_each_order_has_its_own_transaction_and_the_count_still_holds() {
     let redis = RedisServer::start();
     let db = TestDb::new(DbKind::Sqlite).await;
-    let mut config = test_config(&redis);
-    config.stock.database_url = db.url.clone();
+    let mut config = test_config_on(&redis, &db);
     config.stock.stock_group_commit = false;
     let server = Latchkey::start_with(config).await;
     set_stock(&mut server.stock().await, "solo", 20).await;
@@ -995,8 +990,7 @@ async fn an_order_in_a_batch_answers_by_its_own_wait_timeout_not_by_its_batch_ma
 async fn an_order_id_raced_for_other_products_applies_once_and_its_batch_mates_still_apply() {
     let redis = RedisServer::start();
     let db = TestDb::new(DbKind::Postgres).await;
-    let mut config = test_config(&redis);
-    config.stock.database_url = db.url.clone();
+    let mut config = test_config_on(&redis, &db);
     // Every transaction pauses 1 s between its reads and its writes, so the two batches below
     // both find order "twin" absent before either of them inserts it.
     config.stock.fault_txn_delay = secs(1);

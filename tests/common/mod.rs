@@ -88,6 +88,13 @@ pub fn test_config(redis: &RedisServer) -> latchkey::config::Config {
     config
 }
 
+/// `test_config(redis)` with the stock database `db`, for a test that changes more settings.
+pub fn test_config_on(redis: &RedisServer, db: &TestDb) -> latchkey::config::Config {
+    let mut config = test_config(redis);
+    config.stock.database_url = db.url.clone();
+    config
+}
+
 /// latchkey running in this process on a port-0 listener.
 pub struct Latchkey {
     pub addr: SocketAddr,
@@ -105,9 +112,7 @@ impl Latchkey {
 
     /// latchkey on `redis` with the stock database `db`.
     pub async fn start_on(redis: &RedisServer, db: &TestDb) -> Self {
-        let mut config = test_config(redis);
-        config.stock.database_url = db.url.clone();
-        Self::start_with(config).await
+        Self::start_with(test_config_on(redis, db)).await
     }
 
     /// latchkey with `config`; a private SQLite database unless the config names another.
