@@ -422,38 +422,27 @@ async fn call_with_json(
 #[tokio::test]
 async fn the_readme_bad_input_answers_are_what_latchkey_answers() {
     let readme = common::readme();
-    let section = common::readme_section(&readme, "### Bad input")
-        .expect("the README has a Bad input section");
-    let calls = transcripts(section);
+    let blocks = blocks_under(&readme, "### Bad input");
+    let calls: Vec<Call> = blocks.iter().flat_map(|block| calls_in(block)).collect();
     assert!(
         calls.len() >= 3,
         "found only {} calls: {calls:#?}",
         calls.len()
     );
+    for call in &calls {
+        assert!(
+            shown_error(&call.output).is_some(),
+            "`{}` shows no ERROR answer",
+            call.command
+        );
+    }
 
     let redis = common::RedisServer::start();
     let server = common::Latchkey::start(&redis).await;
-    let api = Api::load();
-    let channel = server.channel().await;
-    for call in calls {
-        let method = method(&call.command).expect("a grpcurl call of a method");
-        let (code, message) = shown_error(&call.output)
-            .unwrap_or_else(|| panic!("`{}` shows no ERROR answer", call.command));
-        let [request] = requests(&call.command)
-            .try_into()
-            .unwrap_or_else(|found: Vec<Value>| {
-                panic!("`{}` sends {} requests, not one", call.command, found.len())
-            });
-        let status = match call_with_json(channel.clone(), &api, method, &request, false).await {
-            Ok(_) => panic!("`{}` was accepted; the README shows {code}", call.command),
-            Err(status) => status,
-        };
-        assert_eq!(
-            (format!("{:?}", status.code()), status.message()),
-            (code, message.as_str()),
-            "`{}`: latchkey's answer (left) is not the README's (right)",
-            call.command
-        );
+    let (api, channel) = (Api::load(), server.channel().await);
+    let mut stand = Stand::default();
+    for block in blocks {
+        replay(block, &channel, &api, &mut stand).await;
     }
 }
 
@@ -518,49 +507,42 @@ impl Stand {
     }
 
     fn value_differs(&mut self, key: &str, shown: &Value, actual: &Value, at: &str) -> Vec<String> {
-        let (Value::String(shown_text), Value::String(actual_text)) = (shown, actual) else {
-            return self.differences(shown, actual, at);
-        };
-        let unset = shown_text.is_empty() || shown_text == "0";
-        if matches!(key, "token" | "fence") && !unset {
-            if let Some(ours) = self.0.get(shown_text) {
-                return if ours == actual_text {
+        if let (Value::String(shown_text), Value::String(actual_text)) = (shown, actual) {
+            let unset = shown_text.is_empty() || shown_text == "0";
+            if matches!(key, "token" | "fence") && !unset {
+                if let Some(ours) = self.0.get(shown_text) {
+                    return if ours == actual_text {
+                        Vec::new()
+                    } else {
+                        vec![format!(
+                            "{at}: {shown_text} stood for {ours} before, now {actual_text}"
+                        )]
+                    };
+                }
+                // A new value in the README must be a new value in this run, too.
+                if let Some((before, _)) = self.0.iter().find(|(_, ours)| *ours == actual_text) {
+                    return vec![format!(
+                        "{at}: shown {shown_text}, answered {actual_text}, which {before} stood for"
+                    )];
+                }
+                self.0.insert(shown_text.clone(), actual_text.clone());
+                return Vec::new();
+            }
+            // A TTL read off a clock has a fraction; a lease as granted does not.
+            if let (Some(shown_ttl), Some(actual_ttl)) = (
+                shown_text.strip_suffix('s').filter(|t| t.contains('.')),
+                actual_text.strip_suffix('s'),
+            ) && let (Ok(shown_ttl), Ok(actual_ttl)) =
+                (shown_ttl.parse::<f64>(), actual_ttl.parse::<f64>())
+            {
+                return if (shown_ttl - actual_ttl).abs() <= CLOCK_SLACK.as_secs_f64() {
                     Vec::new()
                 } else {
-                    vec![format!(
-                        "{at}: {shown_text} stood for {ours} before, now {actual_text}"
-                    )]
+                    vec![format!("{at}: shown {shown_text}, answered {actual_text}")]
                 };
             }
-            // A new value in the README must be a new value in this run, too.
-            if let Some((before, _)) = self.0.iter().find(|(_, ours)| *ours == actual_text) {
-                return vec![format!(
-                    "{at}: shown {shown_text}, answered {actual_text}, which {before} stood for"
-                )];
-            }
-            self.0.insert(shown_text.clone(), actual_text.clone());
-            return Vec::new();
         }
-        // A TTL read off a clock has a fraction; a lease as granted does not.
-        if let (Some(shown_ttl), Some(actual_ttl)) = (
-            shown_text.strip_suffix('s').filter(|t| t.contains('.')),
-            actual_text.strip_suffix('s'),
-        ) && let (Ok(shown_ttl), Ok(actual_ttl)) =
-            (shown_ttl.parse::<f64>(), actual_ttl.parse::<f64>())
-        {
-            return if (shown_ttl - actual_ttl).abs() <= CLOCK_SLACK.as_secs_f64() {
-                Vec::new()
-            } else {
-                vec![format!("{at}: shown {shown_text}, answered {actual_text}")]
-            };
-        }
-        if shown_text == actual_text {
-            Vec::new()
-        } else {
-            vec![format!(
-                "{at}: shown {shown_text:?}, answered {actual_text:?}"
-            )]
-        }
+        self.differences(shown, actual, at)
     }
 }
 
