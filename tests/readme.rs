@@ -7,7 +7,8 @@
 //! also sent again, to a real latchkey, and must be answered as the README shows: "Bad input"
 //! (the very code and message), the Stock walkthrough and the lock walkthrough (each block's
 //! calls in order; the very error, or the same JSON, where each token and fence the README
-//! shows stands for the one this run got in its place and a TTL may differ by a little). Apart
+//! shows stands for the one this run got in its place and a TTL may differ by a little), and
+//! the Hold streams (message by message; the renewals shown must come on time). Apart
 //! from the transcripts, the Operations section's list of metrics must name every metric
 //! `src/telemetry.rs` declares.
 
@@ -384,10 +385,24 @@ impl Decoder for DynamicDecoder {
     }
 }
 
+/// `request`, grpcurl's JSON, as the protobuf message `input` of `method`.
+fn to_message(input: &MessageDescriptor, method: &str, request: &Value) -> DynamicMessage {
+    DynamicMessage::deserialize(input.clone(), canonical_durations(input, request))
+        .unwrap_or_else(|e| panic!("{method}: request {request} does not parse: {e}"))
+}
+
+/// `answer` as grpcurl prints it: 64-bit integers as strings, fields at their default value
+/// left out unless `emit_defaults` (then shown, but for a message field not set, which grpcurl
+/// prints as `null`).
+fn to_json(answer: &DynamicMessage, emit_defaults: bool) -> Value {
+    let options = SerializeOptions::new().skip_default_fields(!emit_defaults);
+    answer
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .expect("an answer serializes to JSON")
+}
+
 /// Sends `request` (grpcurl's JSON) to `method` ("package.Service/Method") as its protobuf
-/// message, the way grpcurl does, and gives back the answer as grpcurl prints it: 64-bit
-/// integers as strings, fields at their default value left out unless `emit_defaults` (then
-/// shown, but for a message field not set, which grpcurl prints as `null`).
+/// message, the way grpcurl does, and gives back the answer as grpcurl prints it.
 async fn call_with_json(
     channel: tonic::transport::Channel,
     api: &Api,
@@ -398,9 +413,7 @@ async fn call_with_json(
     let described = api
         .method(method)
         .unwrap_or_else(|| panic!("no method {method}"));
-    let input = described.input();
-    let message = DynamicMessage::deserialize(input.clone(), canonical_durations(&input, request))
-        .unwrap_or_else(|e| panic!("{method}: request {request} does not parse: {e}"));
+    let message = to_message(&described.input(), method, request);
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.expect("latchkey ready");
     let path = format!("/{method}").parse().expect("a gRPC path");
@@ -412,11 +425,67 @@ async fn call_with_json(
         )
         .await?
         .into_inner();
-    let options = SerializeOptions::new().skip_default_fields(!emit_defaults);
-    let json = answer
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .expect("an answer serializes to JSON");
-    Ok(json)
+    Ok(to_json(&answer, emit_defaults))
+}
+
+/// A bidirectional stream opened the way grpcurl opens one with `-d @`: each message sent as
+/// grpcurl's JSON, each answer given back as grpcurl prints it.
+struct JsonStream {
+    method: String,
+    input: MessageDescriptor,
+    requests: Option<tokio::sync::mpsc::Sender<DynamicMessage>>,
+    answers: tonic::Streaming<DynamicMessage>,
+}
+
+impl JsonStream {
+    async fn open(channel: tonic::transport::Channel, api: &Api, method: &str) -> Self {
+        let described = api
+            .method(method)
+            .unwrap_or_else(|| panic!("no method {method}"));
+        let (requests, outgoing) = tokio::sync::mpsc::channel(4);
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("latchkey ready");
+        let path = format!("/{method}").parse().expect("a gRPC path");
+        let answers = grpc
+            .streaming(
+                tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing)),
+                path,
+                DynamicCodec(described.output()),
+            )
+            .await
+            .unwrap_or_else(|status| panic!("{method}: the stream did not open: {status:?}"))
+            .into_inner();
+        JsonStream {
+            method: method.to_owned(),
+            input: described.input(),
+            requests: Some(requests),
+            answers,
+        }
+    }
+
+    async fn send(&self, request: &Value) {
+        let message = to_message(&self.input, &self.method, request);
+        let requests = self.requests.as_ref().expect("the input is still open");
+        requests
+            .send(message)
+            .await
+            .expect("the stream takes input");
+    }
+
+    /// Ends the input, as grpcurl does when the `echo`s are done.
+    fn close_input(&mut self) {
+        self.requests = None;
+    }
+
+    /// The next answer, or None once latchkey ended the stream (with OK; any other status
+    /// fails the test).
+    async fn next(&mut self) -> Option<Value> {
+        let answer =
+            self.answers.message().await.unwrap_or_else(|status| {
+                panic!("{}: the stream failed: {status:?}", self.method)
+            })?;
+        Some(to_json(&answer, false))
+    }
 }
 
 #[tokio::test]
@@ -506,6 +575,15 @@ impl Stand {
         }
     }
 
+    /// Fails the test unless latchkey's `answer` to `command` is the README's `shown` one.
+    fn assert_shown(&mut self, command: &str, shown: &Value, answer: &Value) {
+        let differences = self.differences(shown, answer, "answer");
+        assert!(
+            differences.is_empty(),
+            "`{command}`: latchkey answered {answer}, not the README's answer: {differences:#?}"
+        );
+    }
+
     fn value_differs(&mut self, key: &str, shown: &Value, actual: &Value, at: &str) -> Vec<String> {
         if let (Value::String(shown_text), Value::String(actual_text)) = (shown, actual) {
             let unset = shown_text.is_empty() || shown_text == "0";
@@ -580,12 +658,7 @@ async fn replay(
                         .unwrap_or_else(|found: Vec<Value>| {
                             panic!("`{}` shows {} answers, not one", call.command, found.len())
                         });
-                let differences = stand.differences(&shown, &answer, "answer");
-                assert!(
-                    differences.is_empty(),
-                    "`{}`: latchkey answered {answer}, not the README's answer: {differences:#?}",
-                    call.command
-                );
+                stand.assert_shown(&call.command, &shown, &answer);
             }
             (shown, answer) => panic!(
                 "`{}`: the README shows {}, latchkey answered {answer:?}",
@@ -682,6 +755,115 @@ async fn the_readme_lock_walkthrough_is_what_latchkey_answers() {
         "learned too few tokens and fences: {:?}",
         stand.0
     );
+}
+
+/// The Hold section's streams run again the same way, message by message. The first takes a lock
+/// with a short lease and releases it after a `sleep`; latchkey renews every lease/3, so the README
+/// shows as many renewals as fit in that sleep. The test sends the release once those renewals have
+/// arrived (a fixed sleep on a loaded machine could catch one renewal more or less) and checks that
+/// they came on time instead: the k-th nearer k x lease/3 after the grant than either neighbouring
+/// slot, (k - 1) or (k + 1) x lease/3. The second stream stays open until an operator's
+/// ForceRelease (the third block, sent a second in, as the README's text says) takes its lock:
+/// `lost` must come within `CLOCK_SLACK` of it, not at the next renewal 10 s on, and end the stream
+/// while the input is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_hold_streams_are_what_latchkey_answers() {
+    let readme = common::readme();
+    let blocks = blocks_under(&readme, "### Hold: keep a lock while a stream is open");
+    assert_eq!(
+        blocks.len(),
+        3,
+        "expected the released stream, the lost stream and the ForceRelease"
+    );
+    let redis = common::RedisServer::start();
+    let server = common::Latchkey::start(&redis).await;
+    let (api, channel) = (Api::load(), server.channel().await);
+    let mut stand = Stand::default();
+
+    // Acquire, renewals, release.
+    let [call] = calls_in(blocks[0]).try_into().expect("one Hold call");
+    let hold = method(&call.command).expect("a grpcurl call of a method");
+    let [acquire, release] = requests(&call.command)
+        .try_into()
+        .expect("an acquire and a release message");
+    let lease = acquire["acquire"]["lease"]
+        .as_str()
+        .and_then(|lease| humantime::parse_duration(lease).ok())
+        .expect("the acquire asks for a lease");
+    let every = lease / 3;
+    let sleep = call
+        .command
+        .split("sleep ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|seconds| seconds.trim().parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .expect("a sleep before the release");
+    let shown = answers(&call.output);
+    let Some((shown_grant, [shown_renewals @ .., shown_release])) = shown.split_first() else {
+        panic!("expected acquired, renewed..., released: {shown:#?}");
+    };
+    assert!(
+        shown_grant.get("acquired").is_some()
+            && shown_renewals.iter().all(|a| a.get("renewed").is_some())
+            && shown_release.get("released").is_some(),
+        "expected acquired, renewed..., released: {shown:#?}"
+    );
+    assert_eq!(
+        shown_renewals.len() as u32,
+        sleep.div_duration_f64(every).floor() as u32,
+        "the README shows {} renewals in a {sleep:?} sleep, at one per {every:?}",
+        shown_renewals.len()
+    );
+
+    let mut stream = JsonStream::open(channel.clone(), &api, hold).await;
+    stream.send(&acquire).await;
+    let granted = stream.next().await.expect("an answer to the acquire");
+    let granted_at = std::time::Instant::now();
+    stand.assert_shown(&call.command, shown_grant, &granted);
+    for (k, shown) in (1u32..).zip(shown_renewals) {
+        let renewed = stream.next().await.expect("a renewal");
+        let after = granted_at.elapsed();
+        stand.assert_shown(&call.command, shown, &renewed);
+        let due = every * k;
+        assert!(
+            after + every / 2 > due && after < due + every / 2,
+            "renewal {k} came {after:?} after the grant, not about {due:?}"
+        );
+    }
+    stream.send(&release).await;
+    stream.close_input();
+    let released = stream.next().await.expect("an answer to the release");
+    stand.assert_shown(&call.command, shown_release, &released);
+    let more = stream.next().await;
+    assert_eq!(more, None, "the stream goes on after release");
+
+    // A Hold that an operator's ForceRelease takes the lock from.
+    assert!(
+        readme.contains("terminal, a second later:"),
+        "the ForceRelease's set-up is no longer the one this test makes"
+    );
+    let [call] = calls_in(blocks[1]).try_into().expect("one Hold call");
+    let [acquire] = requests(&call.command)
+        .try_into()
+        .expect("an acquire message");
+    let [shown_grant, shown_lost] = answers(&call.output).try_into().expect("acquired and lost");
+    let mut stream = JsonStream::open(channel.clone(), &api, hold).await;
+    stream.send(&acquire).await;
+    let granted = stream.next().await.expect("an answer to the acquire");
+    stand.assert_shown(&call.command, &shown_grant, &granted);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(replay(blocks[2], &channel, &api, &mut stand).await, 1);
+    let force_released = std::time::Instant::now();
+    let lost = stream.next().await.expect("lost");
+    let waited = force_released.elapsed();
+    stand.assert_shown(&call.command, &shown_lost, &lost);
+    assert!(
+        waited <= CLOCK_SLACK,
+        "lost came {waited:?} after the ForceRelease, not at once"
+    );
+    let more = stream.next().await;
+    assert_eq!(more, None, "the stream goes on after lost");
 }
 
 /// Every metric latchkey records: the `pub const NAME: &str = "latchkey_..."` lines of
