@@ -8,12 +8,14 @@
 # latchkey with `latchkey-bench uncontended --addr`, zeroes callgrind's counts once the first
 # row is under way, counts for SECONDS, and takes the pairs from latchkey's own Acquire count
 # (/metrics). Prints the count per pair and the functions that ran most of it, keeps the
-# callgrind data in target/instructions.callgrind for callgrind_annotate, and stops everything
-# it started. Installs redis-server, valgrind and curl with apt-get if they are missing.
+# callgrind data for callgrind_annotate, and stops everything it started. Installs
+# redis-server, valgrind and curl with apt-get if they are missing.
 #
 # Usage: deploy/instructions.sh [SECONDS]        (default 10)
 # LATCHKEY_BIN_DIR: the directory holding latchkey and latchkey-bench; without it, the release
 # build (built first).
+# LATCHKEY_CALLGRIND_OUT: where to keep the callgrind data; without it,
+# target/instructions.callgrind (a relative path is taken from the checkout's top directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/needs.sh
@@ -30,7 +32,8 @@ if [ -z "${LATCHKEY_BIN_DIR:-}" ]; then
     cargo build --release --locked --bins
     LATCHKEY_BIN_DIR=target/release
 fi
-mkdir -p target
+out=${LATCHKEY_CALLGRIND_OUT:-target/instructions.callgrind}
+mkdir -p "$(dirname "$out")"
 
 work=$(mktemp -d /tmp/latchkey-instructions.XXXXXX)
 pids=()
@@ -99,15 +102,15 @@ pairs=$((after - before))
 [ "$pairs" -gt 0 ] || fail "no Acquire was granted during the window" "$work/bench.log"
 
 dump=$(ls -t "$work"/callgrind.out."$latchkey".* | head -n 1)
-cp "$dump" target/instructions.callgrind
+cp "$dump" "$out"
 total=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
 echo "latchkey at 127.0.0.1:$grpc_port ($LATCHKEY_BIN_DIR/latchkey), $pairs pairs in ${window} s:"
 echo "user-space instructions per uncontended Acquire+Release pair: $((total / pairs))"
 echo "the functions that ran the most of them (their own instructions;" \
-    "all of them: callgrind_annotate target/instructions.callgrind):"
+    "all of them: callgrind_annotate $out):"
 # Thread entry points show (nearly) everything below them, callgrind folding the recursion in
 # the Tokio worker loop into them: no function that really runs 90% of the instructions itself.
 # (awk reads to the end, so no part of the pipe dies of SIGPIPE and fails the script.)
-callgrind_annotate --auto=no --threshold=100 target/instructions.callgrind |
+callgrind_annotate --auto=no --threshold=100 "$out" |
     awk '/file:function/ { on = 1; getline; next }
          on && NF && !/\((100\.0|9[0-9]\.[0-9]+)%\)/ && ++shown <= 20 { print substr($0, 1, 160) }'

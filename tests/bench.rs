@@ -656,12 +656,17 @@ fn the_instruction_count_is_taken_over_pairs_a_latchkey_under_callgrind_served()
     let binaries = std::path::Path::new(env!("CARGO_BIN_EXE_latchkey"))
         .parent()
         .expect("the binaries' directory");
+    // Kept out of target/, where it would replace the profile of a release build someone is
+    // reading.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let kept = dir.path().join("test.callgrind");
     let out = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/instructions.sh"
     ))
     .arg("3")
     .env("LATCHKEY_BIN_DIR", binaries)
+    .env("LATCHKEY_CALLGRIND_OUT", &kept)
     .output()
     .expect("run deploy/instructions.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -673,6 +678,11 @@ fn the_instruction_count_is_taken_over_pairs_a_latchkey_under_callgrind_served()
     let pairs = number_after(&stdout, "),").expect("the pair count");
     let per_pair = number_after(&stdout, "Acquire+Release pair:").expect("the count per pair");
     assert!(pairs > 0 && per_pair > 0, "{stdout}");
+    let annotate = format!("callgrind_annotate {}", kept.display());
+    assert!(
+        stdout.contains(&annotate) && kept.is_file(),
+        "the data is not kept where LATCHKEY_CALLGRIND_OUT said:\n{stdout}"
+    );
     let functions: Vec<&str> = stdout
         .lines()
         .skip_while(|line| !line.starts_with("the functions"))
