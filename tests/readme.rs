@@ -401,6 +401,26 @@ fn to_json(answer: &DynamicMessage, emit_defaults: bool) -> Value {
         .expect("an answer serializes to JSON")
 }
 
+/// A ready gRPC client on `channel` for `method` ("package.Service/Method"), with the method's
+/// descriptor and its path.
+async fn client_for(
+    channel: tonic::transport::Channel,
+    api: &Api,
+    method: &str,
+) -> (
+    MethodDescriptor,
+    tonic::client::Grpc<tonic::transport::Channel>,
+    http::uri::PathAndQuery,
+) {
+    let described = api
+        .method(method)
+        .unwrap_or_else(|| panic!("no method {method}"));
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("latchkey ready");
+    let path = format!("/{method}").parse().expect("a gRPC path");
+    (described, grpc, path)
+}
+
 /// Sends `request` (grpcurl's JSON) to `method` ("package.Service/Method") as its protobuf
 /// message, the way grpcurl does, and gives back the answer as grpcurl prints it.
 async fn call_with_json(
@@ -410,13 +430,8 @@ async fn call_with_json(
     request: &Value,
     emit_defaults: bool,
 ) -> Result<Value, tonic::Status> {
-    let described = api
-        .method(method)
-        .unwrap_or_else(|| panic!("no method {method}"));
+    let (described, mut grpc, path) = client_for(channel, api, method).await;
     let message = to_message(&described.input(), method, request);
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.expect("latchkey ready");
-    let path = format!("/{method}").parse().expect("a gRPC path");
     let answer = grpc
         .unary(
             tonic::Request::new(message),
@@ -439,13 +454,8 @@ struct JsonStream {
 
 impl JsonStream {
     async fn open(channel: tonic::transport::Channel, api: &Api, method: &str) -> Self {
-        let described = api
-            .method(method)
-            .unwrap_or_else(|| panic!("no method {method}"));
+        let (described, mut grpc, path) = client_for(channel, api, method).await;
         let (requests, outgoing) = tokio::sync::mpsc::channel(4);
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.expect("latchkey ready");
-        let path = format!("/{method}").parse().expect("a gRPC path");
         let answers = grpc
             .streaming(
                 tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing)),
