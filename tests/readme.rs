@@ -444,16 +444,20 @@ async fn call_with_json(
 }
 
 /// A bidirectional stream opened the way grpcurl opens one with `-d @`: each message sent as
-/// grpcurl's JSON, each answer given back as grpcurl prints it.
+/// grpcurl's JSON, each answer given back as grpcurl prints it (with every field when the
+/// command says `-emit-defaults`, as in the unary replay).
 struct JsonStream {
     method: String,
+    emit_defaults: bool,
     input: MessageDescriptor,
     requests: Option<tokio::sync::mpsc::Sender<DynamicMessage>>,
     answers: tonic::Streaming<DynamicMessage>,
 }
 
 impl JsonStream {
-    async fn open(channel: tonic::transport::Channel, api: &Api, method: &str) -> Self {
+    /// The stream the grpcurl `command` opens.
+    async fn open(channel: tonic::transport::Channel, api: &Api, command: &str) -> Self {
+        let method = method(command).expect("a grpcurl call of a method");
         let (described, mut grpc, path) = client_for(channel, api, method).await;
         let (requests, outgoing) = tokio::sync::mpsc::channel(4);
         let answers = grpc
@@ -467,6 +471,7 @@ impl JsonStream {
             .into_inner();
         JsonStream {
             method: method.to_owned(),
+            emit_defaults: command.contains("-emit-defaults"),
             input: described.input(),
             requests: Some(requests),
             answers,
@@ -494,7 +499,7 @@ impl JsonStream {
             self.answers.message().await.unwrap_or_else(|status| {
                 panic!("{}: the stream failed: {status:?}", self.method)
             })?;
-        Some(to_json(&answer, false))
+        Some(to_json(&answer, self.emit_defaults))
     }
 }
 
@@ -792,7 +797,6 @@ async fn the_readme_hold_streams_are_what_latchkey_answers() {
 
     // Acquire, renewals, release.
     let [call] = calls_in(blocks[0]).try_into().expect("one Hold call");
-    let hold = method(&call.command).expect("a grpcurl call of a method");
     let [acquire, release] = requests(&call.command)
         .try_into()
         .expect("an acquire and a release message");
@@ -826,7 +830,7 @@ async fn the_readme_hold_streams_are_what_latchkey_answers() {
         shown_renewals.len()
     );
 
-    let mut stream = JsonStream::open(channel.clone(), &api, hold).await;
+    let mut stream = JsonStream::open(channel.clone(), &api, &call.command).await;
     stream.send(&acquire).await;
     let granted = stream.next().await.expect("an answer to the acquire");
     let granted_at = std::time::Instant::now();
@@ -858,7 +862,7 @@ async fn the_readme_hold_streams_are_what_latchkey_answers() {
         .try_into()
         .expect("an acquire message");
     let [shown_grant, shown_lost] = answers(&call.output).try_into().expect("acquired and lost");
-    let mut stream = JsonStream::open(channel.clone(), &api, hold).await;
+    let mut stream = JsonStream::open(channel.clone(), &api, &call.command).await;
     stream.send(&acquire).await;
     let granted = stream.next().await.expect("an answer to the acquire");
     stand.assert_shown(&call.command, &shown_grant, &granted);
