@@ -166,6 +166,11 @@ fn method(command: &str) -> Option<&str> {
     (service.contains('.') && !method.is_empty()).then_some(last)
 }
 
+/// Whether a grpcurl command says `-emit-defaults`: its answers then show every field.
+fn emits_defaults(command: &str) -> bool {
+    command.contains("-emit-defaults")
+}
+
 /// The JSON objects written in single quotes in a command: the request (`-d '...'`), or each
 /// message of a stream fed by `echo '...'`.
 fn requests(command: &str) -> Vec<Value> {
@@ -208,7 +213,7 @@ fn problems_in(readme: &str, api: &Api) -> (Vec<String>, usize, usize) {
         for request in requests(&call.command) {
             problems.extend(api.check(&input, &request, true, false, &call.command));
         }
-        let every_field = call.command.contains("-emit-defaults");
+        let every_field = emits_defaults(&call.command);
         for answer in answers(&call.output) {
             answered += 1;
             problems.extend(api.check(&output, &answer, false, every_field, &call.command));
@@ -471,7 +476,7 @@ impl JsonStream {
             .into_inner();
         JsonStream {
             method: method.to_owned(),
-            emit_defaults: command.contains("-emit-defaults"),
+            emit_defaults: emits_defaults(command),
             input: described.input(),
             requests: Some(requests),
             answers,
@@ -656,7 +661,7 @@ async fn replay(
             .unwrap_or_else(|found: Vec<Value>| {
                 panic!("`{}` sends {} requests, not one", call.command, found.len())
             });
-        let emit_defaults = call.command.contains("-emit-defaults");
+        let emit_defaults = emits_defaults(&call.command);
         let request = stand.request(&request);
         let answer = call_with_json(channel.clone(), api, method, &request, emit_defaults).await;
         match (shown_error(&call.output), answer) {
